@@ -294,3 +294,27 @@ def test_llm_perturber_runs_a_local_transformers_model(tmp_path):
     b = LLMPerturber(str(tmp_path), max_new_tokens=6, device="cpu").perturb_many("a red cat on the mat", 2, 0, 0)
     assert a == b
     assert all(changes_meaning(r.caption, r.mismatched_caption) for r in a)
+
+
+def test_confusable_perturber_edits_one_word_to_a_close_colour_or_another_shape():
+    from diffalign.perturb.toy import ConfusablePerturber
+    from diffalign.toyworld import parse_caption
+
+    perturber = ConfusablePerturber(nearest=2)
+    # nearest palette colours by RGB distance: red (200, 40, 40) -> brown (135, 80, 40), then purple (135, 60, 175)
+    assert perturber.closest("red", exclude="grey") == ["brown", "purple"]
+    assert "brown" not in perturber.closest("red", exclude="brown")
+    kinds = set()
+    for i, caption in enumerate(prompts("train")):
+        for p in perturber.perturb_many(caption, 3, seed=0, key=i):
+            assert changes_meaning(caption, p.mismatched_caption) and p.mismatched_caption != caption
+            old, new = parse_caption(caption), parse_caption(p.mismatched_caption)  # still a valid toy caption
+            changed = [j for j in range(3) if old[j] != new[j]]
+            assert len(changed) == 1 and new[1] != new[2]  # one word; shape colour never equals the background
+            if changed[0] == 1:
+                assert new[1] in perturber.closest(old[1], exclude=old[2])
+            if changed[0] == 2:
+                assert new[2] in perturber.closest(old[2], exclude=old[1])
+            kinds.add(changed[0])
+    assert kinds == {0, 1, 2}
+    assert ConfusablePerturber().perturb("a cat on a mat", random.Random(0)) is None  # not a toy caption

@@ -150,7 +150,7 @@ def test_shipped_pipeline_is_small_and_standard():
     assert index["_class_name"] == "StableDiffusionPipeline" and index["requires_safety_checker"] is False
     assert index["safety_checker"] == [None, None] and index["feature_extractor"] == [None, None]
     assert index["scheduler"] == ["diffusers", "DDIMScheduler"]
-    assert SAMPLING == {"num_inference_steps": 20, "guidance_scale": 4.0}
+    assert SAMPLING == {"num_inference_steps": 20, "guidance_scale": 3.0}
 
 
 def test_shipped_pipeline_loads_offline_and_binds_colours_imperfectly():

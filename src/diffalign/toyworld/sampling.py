@@ -13,8 +13,13 @@ from .reward import toy_components, toy_reward
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
-SAMPLING: dict[str, float | int] = {"num_inference_steps": 20, "guidance_scale": 4.0}
-"""Default sampling settings of the toy pipeline (its scheduler is DDIM); pass as `pipe(prompts, **SAMPLING)`."""
+SAMPLING: dict[str, float | int] = {"num_inference_steps": 20, "guidance_scale": 3.0}
+"""Default sampling settings of the toy pipeline (its scheduler is DDIM); pass as `pipe(prompts, **SAMPLING)`.
+
+CFG 3 is where the shipped base scores best (mean toy reward on 54 train captions × 4 unseen seeds: CFG 2 0.577,
+2.5 0.592, 3 0.595, 3.5 0.575, 4 0.557, 5 0.503, 6 0.464). At the earlier default of 4 the base was already
+over-guided, so any method that strengthens text conditioning (TDPO sharpens the caption contrast) scored as a loss
+whatever it learned."""
 
 
 def pipeline_path() -> Path:
