@@ -7,16 +7,23 @@ Reproducible (every random draw is seeded) and sized for a 2-core CPU:
 2. UNet + CLIP text encoder, jointly: DDPM ε-prediction on the SD1.x scaled_linear schedule, 10 % empty captions
    (for classifier-free guidance), batch 64, AdamW lr 5e-4 (100 warm-up steps), grad-norm clip 1, EMA 0.999 with
    warm-up `min(0.999, (1 + n) / (10 + n))`.
+   Caption noise: with probability `--caption-noise` (0.45) the image of a caption shows the shape in the nearest
+   palette colour instead (`confusable`; both combinations are in `train`). Without it one shape per image is too
+   easy: colours were right 97 % of the time on held-out prompts after 2000 steps while shapes were still blurry.
+   With it the model learns a calibrated confusion between close colours (red/brown, blue/purple, purple/grey, …)
+   that classifier-free guidance sharpens but does not remove, like the label noise of web captions: the base
+   binds colours imperfectly and alignment has room to show.
 3. Every `--eval-every` steps the EMA model samples each `heldout` prompt with 2 seeds (DDIM, `SAMPLING`) and the toy
-   reward measures it. One shape per image becomes too easy after a few thousand steps (~99 % right colours), so
-   the shipped checkpoint is the one whose held-out colour accuracy is closest to `--target-accuracy` among those
-   that already draw the right shape and background at least 85 % / 90 % of the time: a base that binds colours
-   imperfectly leaves room for alignment to show.
+   reward measures it. The shipped checkpoint is the latest whose held-out colour accuracy lies in `--band`
+   (0.5–0.8) among those that draw the right shape and background at least 75 % / 90 % of the time.
 4. The chosen checkpoint is saved as a standard `StableDiffusionPipeline` folder (UNet and VAE weights in fp16 to
    stay small; they load as fp32), reloaded from disk, and measured on every held-out and train prompt with
    `--eval-seeds` seeds; the numbers go to the folder's README.md and `base_metrics.json`.
 
-Usage: `python scripts/train_toyworld.py [--unet-steps 3000] [--work-dir runs/toyworld]`.
+Stage 1 is seeded with `--seed`, stage 2 with `--seed + 1`, so `--vae-from <work-dir>/vae` (the VAE saved by an
+earlier run with the same seed) reproduces a full run's stage 2 exactly.
+
+Usage: `python scripts/train_toyworld.py [--work-dir runs/toyworld] [--vae-from runs/toyworld/vae]`.
 """
 
 from __future__ import annotations
@@ -25,16 +32,17 @@ import copy
 import json
 import logging
 import time
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import typer
-from diffusers import StableDiffusionPipeline
+from diffusers import AutoencoderKL, StableDiffusionPipeline
 from tqdm.auto import tqdm
 
-from diffalign.toyworld import SAMPLING, prompts, render_batch, score_pipeline
+from diffalign.toyworld import COLOURS, SAMPLING, caption, parse_caption, prompts, render_batch, score_pipeline
 from diffalign.toyworld.models import (
     build_sample_scheduler,
     build_text_encoder,
@@ -55,9 +63,34 @@ def pixels(captions: list[str], rng: np.random.Generator) -> torch.Tensor:
     return torch.from_numpy(array).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
+def seeded(seed: int) -> tuple[np.random.Generator, torch.Generator]:
+    """Seed torch's global RNG (weight init) and return the data and noise generators of one stage."""
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+
+
 def sample_captions(rng: np.random.Generator, n: int) -> list[str]:
     train = prompts("train")
     return [train[i] for i in rng.integers(0, len(train), n)]
+
+
+@cache
+def confusable(text: str) -> str:
+    """The train caption that differs from `text` only by the shape colour, the nearest palette colour to it that
+    is not the background (colours are compared in RGB). Both captions are train combinations, so mislabelled images
+    never show a held-out combination."""
+    shape, colour, background = parse_caption(text)
+    train = set(prompts("train"))
+    others = [c for c in COLOURS if c not in (colour, background) and caption(shape, c, background) in train]
+    nearest = min(others, key=lambda c: sum((a - b) ** 2 for a, b in zip(COLOURS[c], COLOURS[colour])))
+    return caption(shape, nearest, background)
+
+
+def noisy_pairs(rng: np.random.Generator, n: int, noise: float) -> tuple[list[str], list[str]]:
+    """`n` (caption, what the image shows) pairs: with probability `noise` the image shows the confusable colour."""
+    captions = sample_captions(rng, n)
+    shown = [confusable(c) if u < noise else c for c, u in zip(captions, rng.random(n))]
+    return captions, shown
 
 
 def train_vae(steps: int, batch_size: int, rng: np.random.Generator, generator: torch.Generator):
@@ -131,9 +164,11 @@ def ema_pipeline(ema: EMA, vae, text_encoder, tokenizer, unet) -> StableDiffusio
 
 
 def denoiser_loss(unet, text_encoder, tokenizer, vae, scheduler, batch, rng, generator) -> torch.Tensor:
+    """ε-prediction MSE on a batch of (caption, shown) pairs; 10 % of captions are dropped to "" for CFG."""
+    batch, shown = batch
     captions = ["" if u < 0.1 else c for c, u in zip(batch, rng.random(len(batch)))]
     with torch.no_grad():
-        posterior = vae.encode(pixels(batch, rng)).latent_dist
+        posterior = vae.encode(pixels(shown, rng)).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
         x0 = z * vae.config.scaling_factor
     ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
@@ -144,7 +179,7 @@ def denoiser_loss(unet, text_encoder, tokenizer, vae, scheduler, batch, rng, gen
     return F.mse_loss(unet(x_t, t, cond).sample, eps)
 
 
-def train_denoiser(vae, tokenizer, args: dict, rng, generator, work_dir: Path) -> tuple[list[dict], EMA, tuple]:
+def train_denoiser(vae, tokenizer, args: dict, work_dir: Path, rng, generator) -> tuple[list[dict], EMA, tuple]:
     text_encoder, unet = build_text_encoder(tokenizer), build_unet()
     modules = [unet, text_encoder]
     params = [p for m in modules for p in m.parameters()]
@@ -154,9 +189,8 @@ def train_denoiser(vae, tokenizer, args: dict, rng, generator, work_dir: Path) -
     heldout, above = prompts("heldout"), 0
     bar = tqdm(range(1, args["unet_steps"] + 1), desc="unet+text")
     for step in bar:
-        loss = denoiser_loss(
-            unet, text_encoder, tokenizer, vae, scheduler, sample_captions(rng, args["batch_size"]), rng, generator
-        )
+        batch = noisy_pairs(rng, args["batch_size"], args["caption_noise"])
+        loss = denoiser_loss(unet, text_encoder, tokenizer, vae, scheduler, batch, rng, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -178,9 +212,14 @@ def train_denoiser(vae, tokenizer, args: dict, rng, generator, work_dir: Path) -
     return history, ema, (text_encoder, unet)
 
 
-def choose_checkpoint(history: list[dict], target: float) -> dict:
-    """Closest held-out colour accuracy to `target` among checkpoints that draw shapes and backgrounds reliably."""
-    usable = [h for h in history if h["shape_correct"] >= 0.85 and h["background_correct"] >= 0.9] or history
+def choose_checkpoint(history: list[dict], band: tuple[float, float], target: float) -> dict:
+    """The latest checkpoint whose held-out colour accuracy lies in `band` among those that draw shapes and
+    backgrounds reliably (shape ≥ 0.75, background ≥ 0.9); if none is in the band, the closest to `target`."""
+    usable = [h for h in history if h["shape_correct"] >= 0.75 and h["background_correct"] >= 0.9] or history
+    in_band = [h for h in usable if band[0] <= h["colour_correct"] <= band[1]]
+    if in_band:
+        return in_band[-1]
+    logger.warning("no checkpoint has a held-out colour accuracy in %s; taking the closest to %.2f", band, target)
     return min(usable, key=lambda h: (abs(h["colour_correct"] - target), -h["step"]))
 
 
@@ -216,9 +255,10 @@ in fp16 (they load as fp32); scheduler DDIM over the SD1.x scaled_linear ε sche
 
 - VAE: AutoencoderKL (32, 64, 64), 8×8×4 latents, reconstruction MSE {metrics["vae_mse"]:.4f} on [-1, 1], scaling
   factor {metrics["scaling_factor"]:.4f}, {metrics["vae_steps"]} steps.
-- UNet + 2-layer CLIP text encoder: checkpoint of step {metrics["chosen_step"]} (EMA) out of
-  {metrics["last_step"]} trained, chosen as the held-out colour accuracy closest to {metrics["target_accuracy"]}
-  so that colour binding is imperfect (see `history` in `base_metrics.json`).
+- UNet + 2-layer CLIP text encoder: trained with caption noise {metrics["caption_noise"]} (that share of training
+  images shows the shape in the nearest palette colour, so the model confuses close colours); EMA checkpoint of step
+  {metrics["chosen_step"]} of {metrics["last_step"]}, the latest whose held-out colour accuracy (2 seeds) lay in
+  {metrics["band"]} (see `history` in `base_metrics.json`).
 
 ## Measured base accuracy (toy reward, DDIM {SAMPLING["num_inference_steps"]} steps, CFG {SAMPLING["guidance_scale"]})
 
@@ -238,29 +278,38 @@ def main(
     work_dir: Path = typer.Option(Path("runs/toyworld"), help="Checkpoints and history."),
     seed: int = typer.Option(0, help="Seeds numpy, torch and every noise draw."),
     vae_steps: int = typer.Option(800, help="VAE optimizer steps."),
-    unet_steps: int = typer.Option(3000, help="Maximum UNet + text encoder optimizer steps."),
+    unet_steps: int = typer.Option(2400, help="Maximum UNet + text encoder optimizer steps."),
     batch_size: int = typer.Option(64, help="Images per optimizer step."),
     lr: float = typer.Option(5e-4, help="UNet + text encoder learning rate."),
-    eval_every: int = typer.Option(200, help="Steps between held-out evaluations / checkpoints."),
-    target_accuracy: float = typer.Option(0.65, help="Held-out shape-colour accuracy the shipped base should have."),
+    eval_every: int = typer.Option(300, help="Steps between held-out evaluations / checkpoints."),
+    caption_noise: float = typer.Option(0.45, help="Share of training images showing the confusable shape colour."),
+    band: tuple[float, float] = typer.Option((0.5, 0.8), help="Held-out colour accuracy band of the shipped base."),
+    target_accuracy: float = typer.Option(0.65, help="Fallback target if no checkpoint lies in `band`."),
     stop_above: float = typer.Option(0.9, help="Stop after two evaluations above this colour accuracy."),
     eval_seeds: int = typer.Option(8, help="Seeds per prompt for the final measurement."),
     threads: int = typer.Option(2, help="torch CPU threads."),
+    vae_from: Path | None = typer.Option(None, help="Skip stage 1: a `<work-dir>/vae` folder of an earlier run."),
 ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    rng, generator = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     work_dir.mkdir(parents=True, exist_ok=True)
     (work_dir / "history.jsonl").unlink(missing_ok=True)
     start = time.time()
     tokenizer = build_tokenizer(work_dir / "tokenizer")
-    vae, vae_stats = train_vae(vae_steps, batch_size, rng, generator)
+    if vae_from is None:
+        vae, vae_stats = train_vae(vae_steps, batch_size, *seeded(seed))
+        vae_stats["vae_minutes"] = (time.time() - start) / 60
+        vae.save_pretrained(work_dir / "vae")
+        (work_dir / "vae" / "vae_stats.json").write_text(json.dumps(vae_stats))
+    else:
+        vae = AutoencoderKL.from_pretrained(vae_from).eval().requires_grad_(False)
+        vae_stats = json.loads((vae_from / "vae_stats.json").read_text())
     args = {"lr": lr, "unet_steps": unet_steps, "batch_size": batch_size, "eval_every": eval_every}
-    args["stop_above"] = stop_above
-    history, ema, (text_encoder, unet) = train_denoiser(vae, tokenizer, args, rng, generator, work_dir)
-    train_minutes = (time.time() - start) / 60
-    chosen = choose_checkpoint(history, target_accuracy)
+    args.update(stop_above=stop_above, caption_noise=caption_noise)
+    unet_start = time.time()
+    history, ema, (text_encoder, unet) = train_denoiser(vae, tokenizer, args, work_dir, *seeded(seed + 1))
+    train_minutes = vae_stats["vae_minutes"] + (time.time() - unet_start) / 60
+    chosen = choose_checkpoint(history, band, target_accuracy)
     ema.shadow = torch.load(work_dir / f"ema-{chosen['step']}.pt")
     logger.info("chosen checkpoint: %s", json.dumps(chosen))
     save_pipeline(ema_pipeline(ema, vae, text_encoder, tokenizer, unet), out)
@@ -268,7 +317,7 @@ def main(
     shipped = StableDiffusionPipeline.from_pretrained(out)
     shipped.set_progress_bar_config(disable=True)
     metrics = {**vae_stats, "seed": seed, "vae_steps": vae_steps, "train_minutes": train_minutes}
-    metrics.update(chosen_step=chosen["step"], last_step=history[-1]["step"], target_accuracy=target_accuracy)
+    metrics.update(chosen_step=chosen["step"], last_step=history[-1]["step"], band=band, caption_noise=caption_noise)
     metrics.update(seeds_per_prompt=eval_seeds, sampling=SAMPLING, history=history)
     for split in ("heldout", "train"):
         metrics[split] = score_pipeline(shipped, prompts(split), seeds_per_prompt=eval_seeds)

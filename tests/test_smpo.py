@@ -162,7 +162,9 @@ def test_batch_of_one_equals_batch_of_three_per_pair(trainer):
     assert len(set(steps)) > 1, steps  # the rows really took different numbers of inversion steps
     for i, index in enumerate([0, 3, 5]):
         alone = trainer.pair_terms(_batch(trainer, [index]), sample_generators(0, [i]))
-        assert pair_loss(alone, 0).item() == pytest.approx(pair_loss(together, i).item(), abs=1e-5)
+        # batched matmuls differ from single-row ones in the last fp32 bits; β·γ(2p − 1) = 250 amplifies that, so the
+        # loss gets the same relative tolerance as the errors below (abs 1e-5 failed by 1e-8 on a 2-core CPU)
+        assert pair_loss(alone, 0).item() == pytest.approx(pair_loss(together, i).item(), rel=1e-4)
         for a, b in zip(alone["errors"], together["errors"]):
             assert a.item() == pytest.approx(b[i].item(), rel=1e-4, abs=1e-7)
 
