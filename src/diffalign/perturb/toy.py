@@ -8,7 +8,7 @@ colours closest to it, or the shape with another shape (`a red circle on a blue 
 Why not `RulePerturber(vocabulary=VOCABULARY)`: its colour replacements are uniform over the palette, so most
 negatives are colours the base already tells apart, and TDPO can lower its loss by sharpening caption contrast the
 model already has; measured on 54 train captions × 4 unseen seeds at CFG 3, TDPO on those perturbations scored
-0.491 against the base, on confusable ones 0.581.
+0.491 against the base, on confusable ones (this perturber) 0.576.
 """
 
 from __future__ import annotations
