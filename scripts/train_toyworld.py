@@ -42,7 +42,7 @@ import typer
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 from tqdm.auto import tqdm
 
-from diffalign.toyworld import COLOURS, SAMPLING, caption, parse_caption, prompts, render_batch, score_pipeline
+from diffalign.toyworld import SAMPLING, caption, closest_colours, parse_caption, prompts, render_batch, score_pipeline
 from diffalign.toyworld.models import (
     build_sample_scheduler,
     build_text_encoder,
@@ -81,8 +81,7 @@ def confusable(text: str) -> str:
     never show a held-out combination."""
     shape, colour, background = parse_caption(text)
     train = set(prompts("train"))
-    others = [c for c in COLOURS if c not in (colour, background) and caption(shape, c, background) in train]
-    nearest = min(others, key=lambda c: sum((a - b) ** 2 for a, b in zip(COLOURS[c], COLOURS[colour])))
+    nearest = next(c for c in closest_colours(colour, exclude=(background,)) if caption(shape, c, background) in train)
     return caption(shape, nearest, background)
 
 

@@ -164,3 +164,12 @@ def test_shipped_pipeline_loads_offline_and_binds_colours_imperfectly():
     # the shipped checkpoint (pipeline/README.md): right background most of the time, shape colour imperfect
     assert stats["background_correct"] > 0.6 and stats["shape_correct"] > 0.2
     assert 0.35 < stats["colour_correct"] < 0.9
+
+
+def test_closest_colours_orders_the_palette_by_rgb_distance():
+    from diffalign.toyworld import COLOURS, closest_colours
+
+    # red (200, 40, 40): brown (135, 80, 40) at 5825, grey (128, 128, 128) at 20672, purple (135, 60, 175) at 22850
+    assert closest_colours("red")[:3] == ["brown", "grey", "purple"]
+    assert closest_colours("red", exclude=("grey",))[:2] == ["brown", "purple"]
+    assert sorted(closest_colours("blue")) == sorted(c for c in COLOURS if c != "blue")

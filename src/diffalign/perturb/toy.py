@@ -60,9 +60,7 @@ class ConfusablePerturber(Perturber):
 
     def closest(self, colour: str, exclude: str) -> list[str]:
         """The `nearest` palette colours closest to `colour` (squared RGB distance), except `colour` and `exclude`."""
-        others = [c for c in world.COLOURS if c not in (colour, exclude)]
-        distance = {c: sum((a - b) ** 2 for a, b in zip(world.COLOURS[c], world.COLOURS[colour])) for c in others}
-        return sorted(others, key=distance.__getitem__)[: self.nearest]
+        return world.closest_colours(colour, exclude=(exclude,))[: self.nearest]
 
     def perturb(self, text: str, rng: random.Random) -> Perturbation | None:
         try:

@@ -286,6 +286,7 @@ from diffalign.labeling import toy_scored_pairs  # noqa: E402
 register_demo(DemoMethod("smpo", toy_scored_pairs, lambda ctx, final: lora_vs_base(ctx, final, "smpo")))
 # NPO / Self-NPO: δ goes into the CFG unconditional branch; evaluated as plain CFG vs CFG with the negative adapter.
 # NPO trains on the DPO demo's pairs (reversed by the trainer): on best-vs-worst pairs by reward alone (4 samples per
-# prompt) the negative adapter hurt (held-out win rate 0.31); on the right-vs-wrong pairs it helps (0.66).
+# prompt) the negative adapter hurt (held-out win rate 0.31 at CFG 4); on the right-vs-wrong pairs it helps (0.648
+# at CFG 3).
 register_demo(DemoMethod("npo", curated_pairs, lambda ctx, final: negative_vs_cfg(ctx, final, "npo")))
 register_demo(DemoMethod("self-npo", toy_captioned_images, lambda ctx, final: negative_vs_cfg(ctx, final, "self-npo")))

@@ -49,6 +49,13 @@ _SUPERSAMPLE = 4  # draw at 4× and box-filter down: anti-aliased edges, exact c
 _CAPTION_RE = re.compile(r"^a (\w+) (\w+) on a (\w+) background$")
 
 
+def closest_colours(colour: str, exclude: tuple[str, ...] = ()) -> list[str]:
+    """The other palette colours ordered from closest to farthest from `colour` (squared RGB distance), leaving out
+    `exclude`: the world's confusable colours come first (red → brown, grey, purple, ...)."""
+    others = [c for c in COLOURS if c != colour and c not in exclude]
+    return sorted(others, key=lambda c: sum((a - b) ** 2 for a, b in zip(COLOURS[c], COLOURS[colour])))
+
+
 def caption(shape: str, colour: str, background: str) -> str:
     """The caption of a combination: `caption("circle", "red", "blue") == "a red circle on a blue background"`."""
     _check_combination(shape, colour, background)
