@@ -46,3 +46,14 @@ def test_demo_cli_and_unknown_method(tmp_path):
     with pytest.raises(ValueError, match="unknown demo method 'ppo'; available: .*dpo"):
         run_demo("ppo", tmp_path)
     assert {"dpo", "kto"} <= set(DEMO_METHODS)
+
+
+def test_quick_self_npo_demo_trains_on_captions_only(tmp_path):
+    """Self-NPO's demo input is a caption list (no images, labels or reward); its δ goes into the ∅ branch at β 0.5."""
+    results = run_demo("self-npo", tmp_path, quick=True)
+    captions = (tmp_path / "data" / "self_npo_captions.txt").read_text().splitlines()
+    assert captions == DemoContext(tmp_path, quick=True).train_prompts()
+    assert not (tmp_path / "data" / "self_npo_images").exists()
+    assert set(results["models"]) == {"base", "self-npo"}
+    spec = json.loads((tmp_path / "report" / "results.json").read_text())["settings"]["models"]["self-npo"]
+    assert spec["beta"] == 0.5 and spec["negative_adapter"].endswith("final")

@@ -156,20 +156,19 @@ def lora_vs_base(ctx: DemoContext, final: Path, name: str) -> dict:
     return {"base": {"model": "toy"}, name: {"model": "toy", "lora": str(final)}}
 
 
-def negative_vs_cfg(ctx: DemoContext, final: Path, name: str) -> dict:
-    """Plain CFG on the base vs the same base with the trained δ in the CFG unconditional branch (NPO, Self-NPO):
-    same prompts, seeds and sampler."""
-    return {"base": {"model": "toy"}, name: {"model": "toy", "negative_adapter": str(final)}}
+def negative_vs_cfg(ctx: DemoContext, final: Path, name: str, beta: float = 1.0) -> dict:
+    """Plain CFG on the base vs the same base with the trained δ in the CFG unconditional branch (NPO, Self-NPO),
+    θ_neg = θ_base + β·δ: same prompts, seeds and sampler."""
+    return {"base": {"model": "toy"}, name: {"model": "toy", "negative_adapter": str(final), "beta": beta}}
 
 
-def toy_captioned_images(ctx: DemoContext, images_per_caption: int = 4) -> str:
-    """Self-NPO's input: the world's own renders of the train captions as an imagefolder (`self_npo_images/`), the
-    toy stand-in for the paper's unlabelled LAION images — no preference labels, no reward."""
-    from diffalign.perturb.toy import write_toy_imagefolder
-
-    out = ctx.data_dir / "self_npo_images"
-    if not (out / "metadata.jsonl").is_file():
-        write_toy_imagefolder(ctx.train_prompts(), 1 if ctx.quick else images_per_caption, out)
+def toy_caption_list(ctx: DemoContext) -> str:
+    """Self-NPO's input: the `train` captions as a caption list (`self_npo_captions.txt`, one per line) — no images,
+    no preference labels, no reward. The trainer starts each chain from pure noise and samples its own way down."""
+    out = ctx.data_dir / "self_npo_captions.txt"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("\n".join(ctx.train_prompts()) + "\n")
     return str(out)
 
 
@@ -289,4 +288,8 @@ register_demo(DemoMethod("smpo", toy_scored_pairs, lambda ctx, final: lora_vs_ba
 # prompt) the negative adapter hurt (held-out win rate 0.31 at CFG 4); on the right-vs-wrong pairs it helps (0.648
 # at CFG 3).
 register_demo(DemoMethod("npo", curated_pairs, lambda ctx, final: negative_vs_cfg(ctx, final, "npo")))
-register_demo(DemoMethod("self-npo", toy_captioned_images, lambda ctx, final: negative_vs_cfg(ctx, final, "self-npo")))
+# Self-NPO: its δ at β 0.5, the best of 0.25 / 0.5 / 1 on the validation split (pure-noise start; toy_self_npo.yaml).
+SELF_NPO_BETA = 0.5
+register_demo(
+    DemoMethod("self-npo", toy_caption_list, lambda ctx, final: negative_vs_cfg(ctx, final, "self-npo", SELF_NPO_BETA))
+)
