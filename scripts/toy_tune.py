@@ -25,11 +25,10 @@ import torch
 import typer
 import yaml
 
-from diffalign.config import build_config
-from diffalign.evaluation.run import EvalConfig, run_eval
+from diffalign.evaluation.run import run_eval
 from diffalign.toyworld import demo
 from diffalign.toyworld.sampling import SAMPLING
-from diffalign.toyworld.world import RESOLUTION, prompts
+from diffalign.toyworld.world import prompts
 
 VALIDATION_SEEDS = [2000, 2001, 2002, 2003]
 
@@ -72,25 +71,10 @@ def main(
     for model in models:  # runs share the base images; a re-run of NAME regenerates its own
         if model != "base":
             shutil.rmtree(eval_dir / "images" / f"{name}-{model}", ignore_errors=True)
-    cfg = build_config(
-        EvalConfig,
-        {
-            "models": {k if k == "base" else f"{name}-{k}": v for k, v in models.items()},
-            "baseline": "base",
-            "prompts": str(validation_prompts(out)),
-            "rewards": ["toy"],
-            "seeds": VALIDATION_SEEDS,
-            "scheduler": "ddim",
-            "resolution": RESOLUTION,
-            "num_inference_steps": SAMPLING["num_inference_steps"],
-            "guidance_scale": guidance,
-            "batch_size": 64,
-            "reward_batch_size": 256,
-            "device": "cpu",
-            "out": str(eval_dir),
-            "grid_prompts": 0,
-        },
-        source="toy_tune",
+    named = {k if k == "base" else f"{name}-{k}": v for k, v in models.items()}
+    prompts_file = str(validation_prompts(out))
+    cfg = demo.toy_eval_config(
+        named, prompts_file, VALIDATION_SEEDS, eval_dir, guidance_scale=guidance, grid_prompts=0
     )
     results = run_eval(cfg)
     row = {

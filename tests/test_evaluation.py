@@ -408,6 +408,11 @@ def test_toy_eval_preset_runs_on_the_shipped_pipeline(tmp_path):
     by_hand = toyworld.toy_reward(images, [r["prompt"] for r in rows])
     assert results["models"]["base"]["toy"]["n"] == 8
     assert results["models"]["base"]["toy"]["mean"] == pytest.approx(by_hand.mean().item(), abs=1e-5)
+    preset = load_config(EvalConfig, "eval_toy", ["--models", "{base: toy}"])  # the yaml restates these; keep in sync
+    assert (preset.num_inference_steps, preset.guidance_scale) == tuple(toyworld.SAMPLING.values())
+    from diffalign.toyworld.demo import EVAL_SEEDS
+
+    assert preset.seeds == list(EVAL_SEEDS)
 
 
 def test_eval_config_errors(tmp_path):

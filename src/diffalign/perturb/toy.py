@@ -79,7 +79,7 @@ class ConfusablePerturber(Perturber):
         return Perturbation(text, world.caption(new, colour, background), "object", f"shape: {shape} -> {new}")
 
 
-def toy_tpo_data(ctx: Any, images_per_caption: int = 8, per_caption: int = 2) -> str:
+def toy_tpo_data(ctx: Any, images_per_caption: int = 8, per_caption: int = 2, nearest: int = 2) -> str:
     """`build_data` of the `tdpo`/`tkto` demos: renders of `ctx.train_prompts()` → `DIR/data/tpo_images/`, then
     `perturb_dataset` with `ConfusablePerturber` → `DIR/data/tpo.jsonl` (reused when the settings match)."""
     if ctx.quick:
@@ -87,12 +87,12 @@ def toy_tpo_data(ctx: Any, images_per_caption: int = 8, per_caption: int = 2) ->
     out = ctx.data_dir / "tpo.jsonl"
     meta = ctx.data_dir / "tpo.json"
     settings = {"images_per_caption": images_per_caption, "per_caption": per_caption, "quick": ctx.quick}
-    settings["perturber"] = "confusable-2"
+    settings["perturber"] = f"confusable-{nearest}"
     if out.is_file() and meta.is_file() and json.loads(meta.read_text()).get("settings") == settings:
         logger.info("reusing %s", out)
         return str(out)
     images = write_toy_imagefolder(ctx.train_prompts(), images_per_caption, ctx.data_dir / "tpo_images")
-    stats = perturb_dataset(images, out, ConfusablePerturber(nearest=2), seed=0, per_caption=per_caption)
+    stats = perturb_dataset(images, out, ConfusablePerturber(nearest), seed=0, per_caption=per_caption)
     meta.write_text(json.dumps({"settings": settings, "stats": stats}, indent=2))
     logger.info("toy TPO data: %s -> %s", stats, out)
     return str(out)

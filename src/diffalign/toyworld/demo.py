@@ -191,29 +191,35 @@ def train_method(ctx: DemoContext, method: str, data: str) -> Path:
     return cls(config).train()
 
 
+def toy_eval_config(models: dict, prompts: str, seeds: list[int], out: str | Path, **overrides: Any):
+    """The toy world's paired-seed evaluation config: every model on the same `prompts` × `seeds` with the toy
+    pipeline's own sampler (DDIM, `SAMPLING`), scored by the `toy` reward; `overrides` replace any key (e.g.
+    `guidance_scale`, `max_prompts`, `grid_prompts`)."""
+    from diffalign.evaluation.run import EvalConfig
+
+    settings = {
+        "models": models,
+        "baseline": "base",
+        "prompts": prompts,
+        "rewards": ["toy"],
+        "seeds": list(seeds),
+        "scheduler": "ddim",
+        "resolution": RESOLUTION,
+        "batch_size": 64,
+        "reward_batch_size": 256,
+        "device": "cpu",
+        "out": str(out),
+        **SAMPLING,
+    }
+    return build_config(EvalConfig, {**settings, **overrides}, source="toy evaluation")
+
+
 def evaluate(ctx: DemoContext, models: dict) -> dict:
     from diffalign.evaluation.report import plot_metrics
-    from diffalign.evaluation.run import EvalConfig, run_eval
+    from diffalign.evaluation.run import run_eval
 
-    cfg = build_config(
-        EvalConfig,
-        {
-            "models": models,
-            "baseline": "base",
-            "prompts": "toy:heldout",
-            "max_prompts": ctx.eval_prompts(),
-            "rewards": ["toy"],
-            "seeds": list(EVAL_SEEDS[:2] if ctx.quick else EVAL_SEEDS),
-            "scheduler": "ddim",
-            "resolution": RESOLUTION,
-            "batch_size": 64,
-            "reward_batch_size": 256,
-            "device": "cpu",
-            "out": str(ctx.out / "report"),
-            **{k: v for k, v in SAMPLING.items()},
-        },
-        source="demo evaluation",
-    )
+    seeds = EVAL_SEEDS[:2] if ctx.quick else EVAL_SEEDS
+    cfg = toy_eval_config(models, "toy:heldout", seeds, ctx.out / "report", max_prompts=ctx.eval_prompts())
     results = run_eval(cfg)
     for name in models:
         metrics = ctx.out / name / "metrics.jsonl"
