@@ -170,6 +170,28 @@ def test_guidance_scale_at_most_one_is_a_no_op(tiny_sd_path, tmp_path):
     handle.remove()
 
 
+def test_negative_weights_applies_theta_neg_to_every_row_after_a_guided_call(tiny_sd_path, tmp_path):
+    """A guided pipeline call leaves `do_classifier_free_guidance` True; a direct even-batch call inside
+    `negative_weights()` must still be θ_neg on BOTH rows, not read as a stacked [uncond, cond] call."""
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path)
+    pipe.set_progress_bar_config(disable=True)
+    lora, beta = _lora(tiny_sd_path, tmp_path / "d", scale=0.3), 0.8
+    negative = _negative_net(pipe, lora, beta)
+    handle = attach_negative_adapter(pipe, lora, beta=beta)
+    _run(pipe)  # guided: leaves the pipeline's guidance state behind
+    x = torch.randn(2, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    text = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expect = negative(x, 10, encoder_hidden_states=text).sample
+        with handle.negative_weights():
+            got = pipe.unet(x, 10, encoder_hidden_states=text).sample
+        stacked = pipe.unet(x, 10, encoder_hidden_states=text).sample  # outside: row 0 θ_neg, row 1 θ_pipe
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stacked[:1], expect[:1], rtol=1e-5, atol=1e-5)
+    assert (stacked[1:] - expect[1:]).abs().max() > 1e-4
+    handle.remove()
+
+
 def test_remove_restores_the_pipeline_and_attach_twice_is_refused(tiny_sd_path, tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path)
     pipe.set_progress_bar_config(disable=True)

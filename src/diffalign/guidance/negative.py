@@ -73,6 +73,7 @@ class NegativeAdapterHandle:
         self._eta_layers: list[tuple[Any, str, float]] = []  # (layer, η adapter, its scale in the pipeline)
         self._hooks: list = []
         self._rows: dict[str, torch.Tensor] = {}  # per-row output factors during a stacked call
+        self._all_negative = False  # inside `negative_weights()`: every row of every call sees θ_neg
         self._forward = None
 
     # ---- set-up -------------------------------------------------------------------------------------------------
@@ -140,7 +141,7 @@ class NegativeAdapterHandle:
 
         def forward(*args, **kwargs):
             batch = _batch_size(args, kwargs)
-            if not self._guiding(batch, kwargs):
+            if self._all_negative or not self._guiding(batch, kwargs):
                 return inner(*args, **kwargs)
             if not self.dense:  # LoRA parts only: one call, per-row factors
                 with self._rowwise(batch):
@@ -183,9 +184,11 @@ class NegativeAdapterHandle:
 
     @contextmanager
     def negative_weights(self):
-        """Inside: every denoiser call computes with θ_neg (LoRA scales switched, dense parameters swapped in)."""
-        params, swapped = self._params, []
+        """Inside: every denoiser call computes with θ_neg on every row (LoRA scales switched, dense parameters
+        swapped in), also an even batch after a guided pipeline call, which outside is read as `[uncond, cond]`."""
+        params, swapped, outer = self._params, [], self._all_negative
         try:
+            self._all_negative = True
             for layer, s0 in self._neg_layers:
                 layer.scaling[ADAPTER_NAME] = self.beta * s0
             for layer, name, s in self._eta_layers:
@@ -198,6 +201,7 @@ class NegativeAdapterHandle:
                 p.data = neg
             yield
         finally:
+            self._all_negative = outer
             for p, data in swapped:
                 p.data = data
             for layer, name, s in self._eta_layers:
