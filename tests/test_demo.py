@@ -9,7 +9,14 @@ import pytest
 from typer.testing import CliRunner
 
 from diffalign.cli import app
-from diffalign.toyworld.demo import DEMO_METHODS, DemoContext, format_summary, run_demo, toy_preference_pairs
+from diffalign.toyworld.demo import (
+    DEMO_METHODS,
+    DemoContext,
+    format_summary,
+    run_demo,
+    toy_caption_list,
+    toy_preference_pairs,
+)
 
 
 def test_toy_pairs_are_labelled_by_the_reward(tmp_path):
@@ -57,3 +64,12 @@ def test_quick_self_npo_demo_trains_on_captions_only(tmp_path):
     assert set(results["models"]) == {"base", "self-npo"}
     spec = json.loads((tmp_path / "report" / "results.json").read_text())["settings"]["models"]["self-npo"]
     assert spec["beta"] == 0.5 and spec["negative_adapter"].endswith("final")
+
+
+def test_caption_list_is_rewritten_when_a_quick_run_left_a_shorter_one(tmp_path):
+    quick, full = DemoContext(tmp_path, quick=True), DemoContext(tmp_path)
+    assert len(quick.train_prompts()) < len(full.train_prompts())
+    toy_caption_list(quick)
+    path = toy_caption_list(full)
+    with open(path) as f:
+        assert f.read().splitlines() == full.train_prompts()

@@ -26,6 +26,7 @@ from diffalign.evaluation import (
 from diffalign.evaluation import run as run_module
 from diffalign.evaluation.generate import generate_images, load_pipeline, make_scheduler
 from diffalign.evaluation.prompts import HPSV2_STYLES, flat
+from diffalign.toyworld.demo import EVAL_SEEDS
 from diffalign.toyworld.tokenizer import write_word_tokenizer
 
 
@@ -410,8 +411,6 @@ def test_toy_eval_preset_runs_on_the_shipped_pipeline(tmp_path):
     assert results["models"]["base"]["toy"]["mean"] == pytest.approx(by_hand.mean().item(), abs=1e-5)
     preset = load_config(EvalConfig, "eval_toy", ["--models", "{base: toy}"])  # the yaml restates these; keep in sync
     assert (preset.num_inference_steps, preset.guidance_scale) == tuple(toyworld.SAMPLING.values())
-    from diffalign.toyworld.demo import EVAL_SEEDS
-
     assert preset.seeds == list(EVAL_SEEDS)
 
 

@@ -164,11 +164,13 @@ def negative_vs_cfg(ctx: DemoContext, final: Path, name: str, beta: float = 1.0)
 
 def toy_caption_list(ctx: DemoContext) -> str:
     """Self-NPO's input: the `train` captions as a caption list (`self_npo_captions.txt`, one per line) — no images,
-    no preference labels, no reward. The trainer starts each chain from pure noise and samples its own way down."""
+    no preference labels, no reward. The trainer starts each chain from pure noise and samples its own way down.
+    Rewritten whenever it differs (a `--quick` run's shorter list in the same folder must not be reused)."""
     out = ctx.data_dir / "self_npo_captions.txt"
-    if not out.is_file():
+    text = "\n".join(ctx.train_prompts()) + "\n"
+    if not out.is_file() or out.read_text() != text:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("\n".join(ctx.train_prompts()) + "\n")
+        out.write_text(text)
     return str(out)
 
 
