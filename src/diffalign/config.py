@@ -150,6 +150,10 @@ class TrainConfig(StrictConfig):
     validation_prompts: list[str] = Field(default_factory=list)
     validation_num_inference_steps: int = 25
     validation_guidance_scale: float = 7.5
+    validation_seed: int = Field(0, description="Seed of the first validation prompt (prompt i uses seed + i).")
+    validation_reward: str | dict[str, Any] | None = Field(
+        None, description="Reward (registry name or {name: ..., ...}) scoring the validation images: val/reward."
+    )
 
     # --- what to train ------------------------------------------------------------------------------------------
     lora_rank: int = Field(8, ge=0, description="LoRA rank; 0 = full fine-tune (reference = frozen copy).")

@@ -32,6 +32,7 @@ from diffalign.trainers import checkpoint as ckpt
 from diffalign.trainers.callbacks import Callback, EMACallback, ValidationCallback
 from diffalign.trainers.hardware import FROZEN_DTYPES, build_optimizer, resolve_mixed_precision, resolve_optimizer
 from diffalign.trainers.sampling import StepBatchSampler, sample_generators, stream_positions
+from diffalign.trainers.tracking import init_trackers
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +208,11 @@ class Trainer(ABC):
         if cfg.ema_decay:
             self.callbacks.append(EMACallback(cfg.ema_decay))
         if cfg.validation_steps and cfg.validation_prompts:
-            self.callbacks.append(ValidationCallback(cfg.validation_steps, cfg.validation_prompts))
+            self.callbacks.append(
+                ValidationCallback(
+                    cfg.validation_steps, cfg.validation_prompts, cfg.validation_seed, reward=cfg.validation_reward
+                )
+            )
         for cb in self.callbacks:
             cb.on_setup(self)
 
@@ -267,7 +272,7 @@ class Trainer(ABC):
             self.output_dir.mkdir(parents=True, exist_ok=True)
             _truncate_metrics(self.output_dir / "metrics.jsonl", self.global_step)
             if cfg.report_to != "none":
-                acc.init_trackers(cfg.tracker_project_name, config=cfg.model_dump(mode="json"))
+                init_trackers(acc, cfg.tracker_project_name, cfg.model_dump(mode="json"), cfg.to_yaml())
 
         ga = cfg.gradient_accumulation_steps
         sampler = StepBatchSampler(

@@ -5,26 +5,37 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from diffalign.trainers.base import Trainer
-
 logger = logging.getLogger(__name__)
+
+
+class TrainerLike(Protocol):
+    """What callbacks use of `diffalign.trainers.base.Trainer` (a Protocol, so this module never imports it)."""
+
+    config: Any
+    accelerator: Any
+    backbone: Any
+    model: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    output_dir: Path
+    reference_model: torch.nn.Module
+
+    def reference(self): ...
 
 
 class Callback:
     """Hooks called by `Trainer.train`; every method is optional."""
 
-    def on_setup(self, trainer: Trainer) -> None: ...
+    def on_setup(self, trainer: TrainerLike) -> None: ...
 
-    def on_step_end(self, trainer: Trainer, step: int) -> None: ...
+    def on_step_end(self, trainer: TrainerLike, step: int) -> None: ...
 
-    def on_save(self, trainer: Trainer, checkpoint_dir: Path) -> None: ...
+    def on_save(self, trainer: TrainerLike, checkpoint_dir: Path) -> None: ...
 
-    def on_resume(self, trainer: Trainer, checkpoint_dir: Path) -> None: ...
+    def on_resume(self, trainer: TrainerLike, checkpoint_dir: Path) -> None: ...
 
 
 class EMACallback(Callback):
@@ -34,18 +45,18 @@ class EMACallback(Callback):
     def __init__(self, decay: float):
         self.decay = decay
 
-    def on_setup(self, trainer: Trainer) -> None:
+    def on_setup(self, trainer: TrainerLike) -> None:
         from diffusers.training_utils import EMAModel
 
         self.ema = EMAModel(trainer.params, decay=self.decay, use_ema_warmup=False)
 
-    def on_step_end(self, trainer: Trainer, step: int) -> None:
+    def on_step_end(self, trainer: TrainerLike, step: int) -> None:
         self.ema.step(trainer.params)
 
-    def on_save(self, trainer: Trainer, checkpoint_dir: Path) -> None:
+    def on_save(self, trainer: TrainerLike, checkpoint_dir: Path) -> None:
         torch.save(self.ema.state_dict(), checkpoint_dir / "ema.pt")
 
-    def on_resume(self, trainer: Trainer, checkpoint_dir: Path) -> None:
+    def on_resume(self, trainer: TrainerLike, checkpoint_dir: Path) -> None:
         self.ema.load_state_dict(torch.load(checkpoint_dir / "ema.pt", weights_only=True))
 
     @contextmanager
@@ -59,20 +70,45 @@ class EMACallback(Callback):
 
 
 class ValidationCallback(Callback):
-    """Every `every` steps, sample `prompts` (fixed seeds) with the current weights through a stock pipeline and
-    write `validation/step-<step>.png` (one row per prompt)."""
+    """Every `every` steps, on the main process: sample `prompts` with fixed seeds through a stock pipeline with the
+    current weights and, once, with the base (LoRA adapters disabled, or the frozen reference of a full fine-tune);
+    write `validation/step-<step>.png` (rows = prompts, columns = base | step) and log both to the trackers
+    (`val/base`, `val/current`). With a `reward` (a `diffalign.rewards` spec), also log `val/reward` (mean over the
+    current images) and `val/reward_base` and append them to `validation.jsonl`.
 
-    def __init__(self, every: int, prompts: list[str], seed: int = 0):
-        self.every, self.prompts, self.seed = every, prompts, seed
+    Sampling uses its own seeded generators, so the training stream (per-sample generators) is untouched: a run with
+    validation trains exactly as one without.
+    """
 
-    def on_step_end(self, trainer: Trainer, step: int) -> None:
+    def __init__(self, every: int, prompts: list[str], seed: int = 0, reward: str | dict | None = None):
+        self.every, self.prompts, self.seed, self.reward_spec = every, prompts, seed, reward
+        self._base_images: list | None = None
+        self._base_reward: float | None = None
+        self._reward = None
+
+    def on_step_end(self, trainer: TrainerLike, step: int) -> None:
         if step % self.every or not trainer.accelerator.is_main_process:
             return
         from diffalign.evaluation.report import image_grid
 
+        if self._base_images is None:
+            with trainer.reference():
+                self._base_images = self._sample(trainer, trainer.reference_model)
+        images = self._sample(trainer, trainer.accelerator.unwrap_model(trainer.model))
+        out = trainer.output_dir / "validation" / f"step-{step:06d}.png"
+        image_grid([[b, c] for b, c in zip(self._base_images, images)], self.prompts, ["base", f"step {step}"], out)
+        logger.info("validation images: %s", out)
+        if trainer.config.report_to != "none":
+            from diffalign.trainers.tracking import log_images
+
+            log_images(trainer.accelerator, {"val/base": self._base_images, "val/current": images}, step, self.prompts)
+        if self.reward_spec is not None:
+            self._log_reward(trainer, images, step)
+
+    def _sample(self, trainer: TrainerLike, denoiser: torch.nn.Module) -> list:
         cfg = trainer.config
-        denoiser = trainer.accelerator.unwrap_model(trainer.model)
         pipe = trainer.backbone.make_pipeline(denoiser=denoiser)
+        was_training = denoiser.training
         denoiser.eval()
         generators = [torch.Generator().manual_seed(self.seed + i) for i in range(len(self.prompts))]
         with torch.no_grad(), trainer.accelerator.autocast():
@@ -84,7 +120,22 @@ class ValidationCallback(Callback):
                 width=cfg.resolution,
                 generator=generators,
             ).images
-        denoiser.train()
-        out = trainer.output_dir / "validation" / f"step-{step:06d}.png"
-        image_grid([[img] for img in images], self.prompts, [f"step {step}"], out)
-        logger.info("validation images: %s", out)
+        denoiser.train(was_training)
+        return images
+
+    def _log_reward(self, trainer: TrainerLike, images: list, step: int) -> None:
+        import json
+
+        from diffalign.rewards import create, parse_spec
+
+        if self._reward is None:
+            _, name, kwargs = parse_spec(self.reward_spec)
+            self._reward = create(name, **kwargs)
+            self._base_reward = float(self._reward(self._base_images, self.prompts).float().mean())
+        value = float(self._reward(images, self.prompts).float().mean())
+        record = {"step": step, "val/reward": value, "val/reward_base": self._base_reward}
+        with open(trainer.output_dir / "validation.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if trainer.config.report_to != "none":
+            trainer.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+        logger.info("validation reward %.4f (base %.4f)", value, self._base_reward)
