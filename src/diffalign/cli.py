@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import typer
+from typer.core import TyperCommand
+
+from diffalign import __version__
+from diffalign.trainers import METHODS
 
 app = typer.Typer(
     name="diffalign",
@@ -15,6 +21,23 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"diffalign {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Align text-to-image diffusion models with human preferences."""
+
+
 train_app = typer.Typer(help="Fine-tune a model with one alignment method.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
@@ -32,34 +55,55 @@ def _keys_help(config_class) -> str:
     return "Config keys (YAML or --key value):\n\n" + "\n\n".join(lines)
 
 
-def _make_train_command(method: str):
+class _LazyHelpCommand(TyperCommand):
+    """A command whose full `--help` (every config key) is built only when asked for: listing commands must not
+    import torch. `full_help` returns the text."""
+
+    full_help: Callable[[], str]
+
+    def format_help(self, ctx, formatter) -> None:
+        self.help = type(self).full_help()
+        super().format_help(ctx, formatter)
+
+
+def _lazy_help(full_help: Callable[[], str]) -> type[_LazyHelpCommand]:
+    return type("LazyHelp", (_LazyHelpCommand,), {"full_help": staticmethod(full_help)})
+
+
+def _train_help(method: str) -> str:
     from diffalign.trainers import get_trainer
 
     cls = get_trainer(method)
+    summary = (sys.modules[cls.__module__].__doc__ or cls.__doc__ or method).strip().split("\n\n")[0]
+    return " ".join(summary.split()) + "\n\n" + _keys_help(cls.config_class)
 
+
+def _make_train_command(method: str):
     def command(ctx: typer.Context, config: Path | None = CONFIG_OPTION) -> None:
         from diffalign.config import load_config
+        from diffalign.trainers import get_trainer
 
+        cls = get_trainer(method)
         cfg = load_config(cls.config_class, config, ctx.args)
         final = cls(cfg).train()
         typer.echo(f"final weights: {final}\nmetrics: {Path(cfg.output_dir) / 'metrics.jsonl'}")
 
-    summary = (sys.modules[cls.__module__].__doc__ or cls.__doc__ or method).strip().split("\n\n")[0]
-    command.__doc__ = " ".join(summary.split()) + "\n\n" + _keys_help(cls.config_class)
     return command
 
 
-def _register_train_commands() -> None:
-    from diffalign.trainers import TRAINERS
-
-    for method in TRAINERS:
-        train_app.command(method, context_settings=EXTRA_ARGS)(_make_train_command(method))
-
-
-_register_train_commands()
+for _method, (*_, _summary) in METHODS.items():
+    train_app.command(
+        _method, help=_summary, context_settings=EXTRA_ARGS, cls=_lazy_help(partial(_train_help, _method))
+    )(_make_train_command(_method))
 
 
-@app.command("eval", context_settings=EXTRA_ARGS)
+def _eval_help() -> str:
+    from diffalign.evaluation import EvalConfig
+
+    return (eval_command.__doc__ or "") + "\n\n" + _keys_help(EvalConfig)
+
+
+@app.command("eval", context_settings=EXTRA_ARGS, cls=_lazy_help(lambda: _eval_help()))
 def eval_command(ctx: typer.Context, config: Path | None = CONFIG_OPTION) -> None:
     """Generate with paired seeds for each model, score with rewards, write results.json, report.md, grid.png."""
     from diffalign.config import load_config
@@ -71,15 +115,6 @@ def eval_command(ctx: typer.Context, config: Path | None = CONFIG_OPTION) -> Non
     for name, per_reward in results["models"].items():
         typer.echo(f"{name}: " + ", ".join(f"{r} {s['mean']:.4g} ± {s['std']:.2g}" for r, s in per_reward.items()))
     typer.echo(f"results: {out / 'results.json'}\nreport: {out / 'report.md'}")
-
-
-def _eval_keys_help() -> str:
-    from diffalign.evaluation import EvalConfig
-
-    return _keys_help(EvalConfig)
-
-
-eval_command.__doc__ += "\n\n" + _eval_keys_help()
 
 
 @app.command("score")
@@ -238,6 +273,17 @@ def generate_command(
     typer.echo(f"{len(paths)} images: {out}")
 
 
+@app.command("env")
+def env_command(as_json: bool = typer.Option(False, "--json", help="print the report as JSON")) -> None:
+    """Versions, devices, attention kernels and mixed-precision support: paste it into a bug report."""
+    import json
+
+    from diffalign.env_report import environment, format_environment
+
+    report = environment()
+    typer.echo(json.dumps(report, indent=2) if as_json else format_environment(report))
+
+
 @app.command()
 def demo(
     method: str = typer.Option("dpo", "--method", "-m", help="dpo, kto, npo, self-npo, smpo, tdpo or tkto."),
@@ -276,7 +322,9 @@ def main() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         app()
-    except _user_errors() as err:
+    except Exception as err:  # not SystemExit: `--help` must not import the library to classify it
+        if not isinstance(err, _user_errors()):
+            raise
         typer.secho(f"error: {err}", fg="red", err=True)
         sys.exit(2)
 

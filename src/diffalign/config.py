@@ -7,6 +7,7 @@ bad value names the key, the value received and what was expected.
 from __future__ import annotations
 
 import difflib
+import logging
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -49,7 +50,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             i += 1
         key = key.replace("-", "_")
         if value is None:
-            if key.startswith("no_"):
+            if key.startswith("no_") and key not in DIFFUSERS_FLAG_ALIASES:
                 key, parsed = key[3:], False
             else:
                 parsed = True
@@ -89,13 +90,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def build_config(cls: type[C], *layers: dict[str, Any], source: str = "config") -> C:
-    """Merge `layers` (later wins) into `cls`, turning pydantic errors into one readable `ConfigError`."""
-    merged: dict[str, Any] = {}
-    for layer in layers:
-        merged.update(layer)
+def _check_known(cls: type[BaseModel], values: dict[str, Any], source: str) -> None:
+    """An unknown key is a `ConfigError` naming `source`, the key, a close match and the known keys."""
     known = list(cls.model_fields)
-    unknown = [k for k in merged if k not in cls.model_fields]
+    unknown = [k for k in values if k not in cls.model_fields]
     if unknown:
         hints = []
         for key in unknown:
@@ -104,6 +102,14 @@ def build_config(cls: type[C], *layers: dict[str, Any], source: str = "config") 
         raise ConfigError(
             f"unknown key(s) {', '.join(hints)} in {source} for {cls.__name__}; known keys: {', '.join(known)}"
         )
+
+
+def build_config(cls: type[C], *layers: dict[str, Any], source: str = "config") -> C:
+    """Merge `layers` (later wins) into `cls`, turning pydantic errors into one readable `ConfigError`."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged.update(layer)
+    _check_known(cls, merged, source)
     try:
         return cls(**merged)
     except ValidationError as err:
@@ -117,10 +123,65 @@ def build_config(cls: type[C], *layers: dict[str, Any], source: str = "config") 
         raise ConfigError(f"invalid {source} for {cls.__name__}: " + "; ".join(lines)) from None
 
 
+# Flags of the diffusers research Diffusion-DPO scripts (examples/research_projects/diffusion_dpo) → diffalign keys,
+# so a pasted command line works. (key, convert); `beta_dpo` is in the diffusers convention without the ½ of the
+# official code: β here = 2 × beta_dpo (see the README's β conventions).
+DIFFUSERS_FLAG_ALIASES: dict[str, tuple[str, Any]] = {
+    "pretrained_model_name_or_path": ("model", None),
+    "dataset_name": ("data", None),
+    "train_batch_size": ("batch_size", None),
+    "max_train_steps": ("max_steps", None),
+    "rank": ("lora_rank", None),
+    "beta_dpo": ("beta", lambda v: 2 * float(v)),
+    "resume_from_checkpoint": ("resume", None),
+    "tracker_name": ("tracker_project_name", None),
+    "use_8bit_adam": ("optimizer", lambda v: "adamw8bit" if v else "adamw"),
+    "enable_xformers_memory_efficient_attention": ("attention", lambda v: "xformers" if v else "sdpa"),
+    "random_crop": ("center_crop", lambda v: not v),
+    "no_hflip": ("random_flip", lambda v: not v),
+}
+UNSUPPORTED_DIFFUSERS_FLAGS = {
+    "pretrained_vae_model_name_or_path": "put the VAE into the pipeline folder's `vae/` instead",
+    "revision": "download the revision into a local folder and pass it as `--model`",
+    "max_train_samples": "filter the data table instead",
+    "num_train_epochs": "use `--max_steps`",
+    "vae_encode_batch_size": "use `--cache_latents true` to encode each image once",
+    "run_validation": "use `--validation_steps N --validation_prompts '[...]'`",
+    "logging_dir": "trackers write into `output_dir`",
+    "hub_token": "log in with `huggingface-cli login` (or set HF_TOKEN)",
+}
+
+
+def translate_aliases(overrides: dict[str, Any], source: str = "flags") -> dict[str, Any]:
+    """Rename the diffusers research scripts' flags to diffalign keys (converting values where the conventions
+    differ); an unsupported one, or an alias given together with its key, is a `ConfigError`."""
+    out = {k: v for k, v in overrides.items() if k not in DIFFUSERS_FLAG_ALIASES}
+    for flag, value in overrides.items():
+        if flag in UNSUPPORTED_DIFFUSERS_FLAGS:
+            raise ConfigError(
+                f"`--{flag}` (diffusers script flag) is not supported: {UNSUPPORTED_DIFFUSERS_FLAGS[flag]}"
+            )
+        if flag not in DIFFUSERS_FLAG_ALIASES:
+            continue
+        key, convert = DIFFUSERS_FLAG_ALIASES[flag]
+        if key in overrides:
+            raise ConfigError(f"`--{flag}` and `--{key}` name the same key in {source}; give one of them")
+        out[key] = convert(value) if convert else value
+        logging.getLogger(__name__).info("flag `--%s %s` read as `--%s %s`", flag, value, key, out[key])
+    return out
+
+
 def load_config(cls: type[C], config_path: str | Path | None = None, overrides: list[str] | None = None) -> C:
-    """Defaults of `cls` < YAML file at `config_path` < `--key value` `overrides`."""
+    """Defaults of `cls` < YAML file at `config_path` < `--key value` `overrides` (for training configs the diffusers
+    research scripts' flag names are accepted too, `DIFFUSERS_FLAG_ALIASES`)."""
     file_layer = read_yaml(config_path) if config_path else {}
-    return build_config(cls, file_layer, parse_overrides(overrides or []), source=str(config_path or "flags"))
+    flags = parse_overrides(overrides or [])
+    if issubclass(cls, TrainConfig):
+        flags = translate_aliases(flags)
+    if config_path:
+        _check_known(cls, file_layer, f"config file {str(config_path)!r}")
+    _check_known(cls, flags, "command-line flags")
+    return build_config(cls, file_layer, flags, source=str(config_path or "flags"))
 
 
 class TrainConfig(StrictConfig):
