@@ -303,8 +303,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from diffalign.config import ConfigError
     from diffalign.data import DataError
     from diffalign.trainers import TrainingDivergedError
+    from diffalign.trainers.distributed import LaunchError
 
-    return (ConfigError, ModelNotFoundError, DataError, TrainingDivergedError, FileNotFoundError)
+    return (ConfigError, ModelNotFoundError, DataError, TrainingDivergedError, FileNotFoundError, LaunchError)
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ from diffalign.data import collate
 from diffalign.objectives import per_sample_error
 from diffalign.trainers import checkpoint as ckpt
 from diffalign.trainers.callbacks import Callback, EMACallback, ValidationCallback
+from diffalign.trainers.distributed import OutputDirLock, check_world_size, describe_launch
 from diffalign.trainers.hardware import FROZEN_DTYPES, build_optimizer, resolve_mixed_precision, resolve_optimizer
 from diffalign.trainers.sampling import StepBatchSampler, sample_generators, stream_positions
 from diffalign.trainers.tracking import init_trackers
@@ -66,6 +67,11 @@ class Trainer(ABC):
     @abstractmethod
     def compute_loss(self, batch: dict, generators: list[torch.Generator]) -> tuple[torch.Tensor, dict]:
         """One micro-batch → `(loss, stats)`. `generators` holds one CPU generator per sample for t/ε/dropout."""
+
+    def before_step(self, micro_batches: list[tuple[dict, list[int]]]) -> None:
+        """Called once per optimizer step with its micro-batches and their stream positions, before any
+        `compute_loss`: where a method computes statistics over the whole step (KTO's reference point)."""
+        return None
 
     # ---- helpers for methods ------------------------------------------------------------------------------------
     def latents(self, batch: dict, suffixes: tuple[str, ...] = ("",)) -> torch.Tensor:
@@ -168,6 +174,7 @@ class Trainer(ABC):
             log_with=None if cfg.report_to == "none" else cfg.report_to,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir)),
         )
+        check_world_size(self.accelerator)
         set_seed(cfg.seed)
         if cfg.allow_tf32 and device_type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -221,7 +228,14 @@ class Trainer(ABC):
             from diffalign.data.cache import encode_with_cache
 
             cache_dir = cfg.cache_dir or str(self.output_dir / "cache")
-            self.dataset = encode_with_cache(self.dataset, self.backbone, cache_dir, batch_size=cfg.batch_size)
+            with self.accelerator.main_process_first():  # the main process encodes; the others then read the cache
+                self.dataset = encode_with_cache(
+                    self.dataset,
+                    self.backbone,
+                    cache_dir,
+                    batch_size=cfg.batch_size,
+                    show_progress=self.accelerator.is_local_main_process,
+                )
 
     def _register_checkpoint_hooks(self) -> None:
         """LoRA checkpoints hold only the trainable weights (MBs, not the whole UNet)."""
@@ -257,11 +271,23 @@ class Trainer(ABC):
         """Run to `max_steps` (resuming if asked) and return the `final/` folder."""
         if not hasattr(self, "accelerator"):
             self.setup()
+        acc = self.accelerator
+        lock = OutputDirLock(self.output_dir)
+        if acc.is_main_process:
+            lock.acquire()
+        try:
+            return self._train()
+        finally:
+            lock.release()
+
+    def _train(self) -> Path:
         cfg, acc = self.config, self.accelerator
         resume_from = ckpt.resolve_resume(cfg.resume, self.output_dir)
         if resume_from is not None:
+            state = ckpt.read_state(resume_from)
+            ckpt.check_layout(state, self._layout(), resume_from)
             acc.load_state(str(resume_from))
-            self.global_step = ckpt.read_state(resume_from)["step"]
+            self.global_step = state["step"]
             for cb in self.callbacks:
                 cb.on_resume(self, resume_from)
             logger.info("resumed from %s at step %d", resume_from, self.global_step)
@@ -292,6 +318,7 @@ class Trainer(ABC):
         while self.global_step < cfg.max_steps:
             start = time.perf_counter()
             micro_stats: list[dict] = []
+            micro_batches = []
             for micro in range(ga):
                 micro_step = self.global_step * ga + micro
                 batch = next(batches)
@@ -300,7 +327,10 @@ class Trainer(ABC):
                     batch = next(batches)
                     skipped += int(batch.pop("skipped", 0))
                 positions = stream_positions(micro_step, cfg.batch_size, acc.num_processes, acc.process_index)
-                generators = sample_generators(cfg.seed, positions[: _batch_len(batch)])
+                micro_batches.append((batch, positions[: _batch_len(batch)]))
+            self.before_step(micro_batches)
+            for batch, positions in micro_batches:
+                generators = sample_generators(cfg.seed, positions)
                 with acc.accumulate(self.model):
                     loss, stats = self.compute_loss(batch, generators)
                     if not torch.isfinite(loss):
@@ -362,6 +392,9 @@ class Trainer(ABC):
 
     def _log_banner(self) -> None:
         cfg, acc = self.config, self.accelerator
+        if not acc.is_main_process:
+            return
+        logger.info(describe_launch(acc, cfg.batch_size, cfg.gradient_accumulation_steps))
         n_train = sum(p.numel() for p in self.params)
         logger.info(
             "%s | %s (%s) | effective batch %d = %d per device x %d processes x %d accumulation | %d steps | "
@@ -382,6 +415,15 @@ class Trainer(ABC):
             len(self.dataset),
         )
 
+    def _layout(self) -> dict:
+        """How samples map to steps; a resume must keep the global micro-batch and the accumulation."""
+        acc = self.accelerator
+        return {
+            "world_size": acc.num_processes,
+            "batch_size": self.config.batch_size,
+            "gradient_accumulation_steps": self.config.gradient_accumulation_steps,
+        }
+
     # ---- outputs ------------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
         """`checkpoint-<step>/`: weights (LoRA: trainable only), optimizer, scheduler, callbacks' state."""
@@ -390,10 +432,11 @@ class Trainer(ABC):
         tmp = self.output_dir / f".tmp-checkpoint-{self.global_step}"
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        acc.wait_for_everyone()  # every rank has written its RNG state into tmp before rank 0 renames it
         if acc.is_main_process:
             for cb in self.callbacks:
                 cb.on_save(self, tmp)
-            ckpt.finalize(tmp, final, {"step": self.global_step, "method": self.method})
+            ckpt.finalize(tmp, final, {"step": self.global_step, "method": self.method, **self._layout()})
             for old in ckpt.prune(self.output_dir, self.config.checkpoints_total_limit):
                 logger.info("removed old checkpoint %s", old)
         acc.wait_for_everyone()

@@ -41,6 +41,25 @@ def read_state(path: Path) -> dict:
     return json.loads((path / STATE_FILE).read_text())
 
 
+def check_layout(state: dict, now: dict, path: Path) -> None:
+    """A checkpoint resumes the exact sample stream only with the same global micro-batch (per-device batch ×
+    processes) and accumulation; the number of processes may change when their product stays the same."""
+    if "world_size" not in state:  # written before the layout was recorded
+        return
+    then_batch = state["batch_size"] * state["world_size"]
+    now_batch = now["batch_size"] * now["world_size"]
+    if then_batch != now_batch or state["gradient_accumulation_steps"] != now["gradient_accumulation_steps"]:
+        from diffalign.config import ConfigError
+
+        raise ConfigError(
+            f"cannot resume {str(path)!r}: it was trained with {state['batch_size']} per device x "
+            f"{state['world_size']} processes x {state['gradient_accumulation_steps']} accumulation, now "
+            f"{now['batch_size']} x {now['world_size']} x {now['gradient_accumulation_steps']}; keep per-device "
+            "batch x processes and `gradient_accumulation_steps` the same (e.g. double `batch_size` when halving "
+            "the processes)"
+        )
+
+
 def finalize(tmp_dir: Path, final_dir: Path, state: dict) -> Path:
     """Write the state file last and rename `tmp_dir` into place, so a crash mid-save never leaves a checkpoint
     that `latest` would pick."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field
 
@@ -9,6 +11,8 @@ from diffalign.config import TrainConfig
 from diffalign.data import UnpairedImages
 from diffalign.objectives import kto_loss
 from diffalign.trainers.base import Trainer
+from diffalign.trainers.distributed import global_mean
+from diffalign.trainers.sampling import sample_generators
 
 
 class KTOConfig(TrainConfig):
@@ -17,14 +21,24 @@ class KTOConfig(TrainConfig):
     beta: float = Field(5000.0, gt=0, description="β of Diffusion-KTO (no ½ factor).")
     desirable_weight: float = Field(1.0, gt=0, description="λ_D, loss weight of desirable images.")
     undesirable_weight: float = Field(1.0, gt=0, description="λ_U, loss weight of undesirable images.")
+    kl_scope: Literal["step", "micro_batch"] = Field(
+        "step",
+        description="Batch the KL reference point is averaged over: `step` = every image of the optimizer step on "
+        "every process (the same update at any batch × accumulation × processes layout; costs one extra no-grad "
+        "pass when accumulating); `micro_batch` = each micro-batch over the processes (the official code).",
+    )
 
 
 class KTOTrainer(Trainer):
-    """Every image has its own t and ε. The reference point `kl = clamp(mean(r − m), 0)` is taken over the GLOBAL
-    batch (all processes), detached."""
+    """Every image has its own t and ε. The reference point `kl = clamp(mean(r − m), 0)` is detached and averaged
+    over the whole optimizer step (`kl_scope: step`, default: all micro-batches of all processes, so 1×4, 1×2 with
+    accumulation 2 and 2 processes × 2 give the same update) or, as the official code does, over each micro-batch
+    of all processes (`kl_scope: micro_batch`: the official `accelerator.reduce(g.mean(), "mean")` per micro-step)."""
 
     method = "kto"
     config_class = KTOConfig
+    _step_kl: torch.Tensor | None = None
+    _kl_sink: list[torch.Tensor] | None = None
 
     def build_dataset(self):
         cfg = self.config
@@ -51,13 +65,32 @@ class KTOTrainer(Trainer):
             ref_err,
             desirable,
             self.config.beta,
-            kl=self.global_kl(ref_err - model_err),
+            kl=self.kl_point(ref_err - model_err),
             desirable_weight=self.config.desirable_weight,
             undesirable_weight=self.config.undesirable_weight,
         )
 
-    def global_kl(self, g: torch.Tensor) -> torch.Tensor:
-        """`clamp(mean(r − m), 0)` over every process's micro-batch (equal to the local value on one process)."""
+    def before_step(self, micro_batches: list[tuple[dict, list[int]]]) -> None:
+        """With `kl_scope: step` and accumulation, a no-grad pass over the step's micro-batches collects r − m of
+        every image, reduced over processes into the step's reference point."""
+        self._step_kl = None
+        if self.config.kl_scope != "step" or len(micro_batches) == 1:
+            return
+        self._kl_sink = []
+        try:
+            with torch.no_grad():
+                for batch, positions in micro_batches:
+                    self.compute_loss(batch, sample_generators(self.config.seed, positions))
+        finally:
+            g, self._kl_sink = torch.cat(self._kl_sink), None
+        self._step_kl = global_mean(self.accelerator, g).clamp(min=0)
+
+    def kl_point(self, g: torch.Tensor) -> torch.Tensor:
+        """The detached reference point for per-image `g = r − m` of this micro-batch (see the class docstring)."""
         g = g.detach()
-        total = self.accelerator.reduce(torch.stack([g.sum(), torch.tensor(float(len(g)), device=g.device)]), "sum")
-        return (total[0] / total[1]).clamp(min=0)
+        if self._kl_sink is not None:  # statistics pass of `before_step`
+            self._kl_sink.append(g)
+            return torch.zeros((), device=g.device)
+        if self._step_kl is not None:
+            return self._step_kl
+        return global_mean(self.accelerator, g).clamp(min=0)

@@ -113,8 +113,9 @@ class TDPOTrainer(_TPOMixin, Trainer):
 
 class TKTOTrainer(_TPOMixin, KTOTrainer):
     """TKTO: rows `0..B−1` = (image, matched caption), desirable; rows `B..2B−1` = (same image, mismatched caption),
-    undesirable. `kl = clamp(mean(r − m), 0)` over all 2B rows of the global batch. With `shared_noise` (default)
-    both rows of an image share t and ε, so identical captions give loss ½ and no gradient."""
+    undesirable. `kl = clamp(mean(r − m), 0)` over all 2B rows of the step (`kl_scope`, as KTO). With
+    `shared_noise` (default) both rows of an image share t and ε, so identical captions give loss ½ and no
+    gradient."""
 
     method = "tkto"
     config_class = TKTOConfig
@@ -137,7 +138,7 @@ class TKTOTrainer(_TPOMixin, KTOTrainer):
             ref_err,
             desirable,
             self.config.beta,
-            kl=self.global_kl(ref_err - model_err),
+            kl=self.kl_point(ref_err - model_err),
             desirable_weight=self.config.desirable_weight,
             undesirable_weight=self.config.undesirable_weight,
         )
