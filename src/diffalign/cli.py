@@ -328,6 +328,15 @@ def main() -> None:
             raise
         typer.secho(f"error: {err}", fg="red", err=True)
         sys.exit(2)
+    finally:
+        _destroy_process_group()
+
+
+def _destroy_process_group() -> None:
+    """Trainers leave the process group up (a process may train several runs); tear it down once at exit."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

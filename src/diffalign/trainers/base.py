@@ -361,7 +361,7 @@ class Trainer(ABC):
                 self.save_checkpoint()
         bar.close()
         final = self.save_final()
-        acc.end_training()
+        self._finish_trackers()
         return final
 
     def _reduce(self, micro_stats: list[dict]) -> dict[str, float]:
@@ -384,11 +384,17 @@ class Trainer(ABC):
     def _diverged(self, loss: torch.Tensor) -> None:
         found = ckpt.list_checkpoints(self.output_dir)
         last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
-        self.accelerator.end_training()
+        self._finish_trackers()
         raise TrainingDivergedError(
             f"loss is {loss.item()} at step {self.global_step + 1} (nothing from this step was applied); {last}. "
             "Resume from it with a lower `learning_rate` or `beta`, or with `max_grad_norm` set."
         )
+
+    def _finish_trackers(self) -> None:
+        """`accelerator.end_training()` without destroying the process group: a process may train several runs in
+        turn (notebooks, iterative loops, the multi-process tests); the CLI tears the group down at exit."""
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
 
     def _log_banner(self) -> None:
         cfg, acc = self.config, self.accelerator

@@ -33,8 +33,9 @@ def check_world_size(accelerator) -> None:
     alone and write the same files. Refuse with the launch line to use."""
     env = int(os.environ.get("WORLD_SIZE", "1"))
     if env > 1 and accelerator.num_processes == 1:
+        cpu_hint = "" if torch.cuda.is_available() else " (no GPU here: set ACCELERATE_USE_CPU=1 for CPU processes)"
         raise LaunchError(
-            f"WORLD_SIZE={env} in the environment but accelerate sees 1 process: launch with "
+            f"WORLD_SIZE={env} in the environment but accelerate sees 1 process{cpu_hint}: launch with "
             f"`accelerate launch --num_processes {env} -m diffalign train ...` or `torchrun --nproc_per_node {env} "
             "-m diffalign train ...`, or unset WORLD_SIZE for a single-process run"
         )
