@@ -148,3 +148,25 @@ def test_checkpoint_waits_for_every_rank_before_the_rename(tiny_sd_path, tmp_pat
 def test_global_mean_counts_every_element():
     acc = SimpleNamespace(reduce=lambda t, reduction: t)
     assert global_mean(acc, torch.tensor([1.0, 2.0, 6.0])).item() == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize(
+    "name, kind",
+    [("single_gpu", "NO"), ("multi_gpu", "MULTI_GPU"), ("fsdp", "FSDP"), ("deepspeed_zero2", "DEEPSPEED"),
+     ("deepspeed_zero3", "DEEPSPEED"), ("cpu_2proc", "MULTI_CPU")],
+)  # fmt: skip
+def test_shipped_accelerate_configs_parse_with_accelerate(name, kind):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from diffalign.config import PRESET_DIR
+
+    config = load_config_from_file(str(PRESET_DIR / "accelerate" / f"{name}.yaml"))
+    assert str(config.distributed_type).endswith(kind)
+    if name == "fsdp":
+        assert config.fsdp_config["fsdp_sharding_strategy"] == "FULL_SHARD"
+    if name.startswith("deepspeed"):
+        assert config.deepspeed_config["zero_stage"] == int(name[-1])
+
+
+def test_slurm_script_is_valid_bash():
+    assert subprocess.run(["bash", "-n", str(TESTS.parent / "scripts" / "slurm_train.sh")]).returncode == 0
