@@ -109,10 +109,15 @@ def make_scheduler(name: str, config: dict):
     return getattr(diffusers, SCHEDULERS[name]).from_config(config)
 
 
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
 def _load_lora(pipe, lora: str) -> None:
     path = Path(lora).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"`lora` {lora!r} does not exist; pass a LoRA folder or .safetensors file")
+    if path.is_dir() and (path / LORA_FILE).is_file():
+        path = path / LORA_FILE  # name the file: offline, older diffusers refuse a folder without `weight_name`
     if path.is_file():
         pipe.load_lora_weights(str(path.parent), weight_name=path.name)
     else:
