@@ -166,32 +166,65 @@ def run_diffalign(model: Path, data: Path, out: Path, case: dict, steps: int, de
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}  # fmt: skip
 
 
-def run_diffusers_script(script: Path, model: Path, data: Path, out: Path, case: dict, steps: int) -> dict:
-    """Wall time of the diffusers research script at `warmup` and `steps` steps; s/step = difference / extra steps
-    (model loading and set-up cancel out)."""
-    shim = out / "shim"  # the script imports wandb at the top; it is not used with --report_to tensorboard
+def _diffusers_cmd(script: Path, model: Path, data: Path, out: Path, case: dict, n: int) -> list[str]:
+    cmd = [
+        sys.executable, str(script), "--pretrained_model_name_or_path", str(model), "--dataset_name", str(data),
+        "--dataset_split_name", "train", "--output_dir", str(out), "--resolution", str(case["resolution"]),
+        "--train_batch_size", str(case["batch"]), "--rank", str(case["lora_rank"]), "--max_train_steps", str(n),
+        "--mixed_precision", case["precision"], "--beta_dpo", "2500", "--learning_rate", "1e-5",
+        "--dataloader_num_workers", "4", "--report_to", "tensorboard", "--seed", "0",
+        "--checkpointing_steps", "100000", "--vae_encode_batch_size", str(2 * case["batch"]),
+    ]  # fmt: skip
+    return cmd + (["--gradient_checkpointing"] if case["grad_ckpt"] else [])
+
+
+def _diffalign_cmd(model: Path, data: Path, out: Path, case: dict, n: int) -> list[str]:
+    return [
+        sys.executable, "-m", "diffalign", "train", "dpo", "--model", str(model), "--data",
+        str(data / "train-0.parquet"), "--output_dir", str(out), "--resolution", str(case["resolution"]),
+        "--batch_size", str(case["batch"]), "--lora_rank", str(case["lora_rank"]), "--max_steps", str(n),
+        "--mixed_precision", case["precision"], "--beta", "5000", "--learning_rate", "1e-5", "--optimizer", "adamw",
+        "--dataloader_num_workers", "4", "--checkpointing_steps", "0", "--lr_scheduler", "constant",
+        "--attention", case["attention"], "--gradient_checkpointing", str(case["grad_ckpt"]).lower(),
+    ]  # fmt: skip
+
+
+STEP_HOOK = """import atexit, json, os, time
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+_stamps = []
+def _after_step(optimizer, args, kwargs):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    _stamps.append(time.perf_counter())
+register_optimizer_step_post_hook(_after_step)
+atexit.register(lambda: open(os.environ["BENCH_STEP_LOG"], "w").write(json.dumps(_stamps)))
+"""
+
+
+def timed_process(cmd: list[str], out: Path, warmup: int) -> dict:
+    """Run a whole training process with a `sitecustomize` that stamps the time after every optimizer step (torch's
+    global optimizer post-hook, CUDA-synchronised): s/step = median gap between stamps after `warmup` steps. The same
+    measurement for both tools, independent of how each logs."""
+    shim = out / "shim"  # also an empty `wandb` module: the diffusers script imports it at the top (unused here)
     shim.mkdir(parents=True, exist_ok=True)
     (shim / "wandb.py").write_text("")
-    env = {**os.environ, "PYTHONPATH": f"{shim}:{os.environ.get('PYTHONPATH', '')}"}
-    walls = []
-    for n in (case["warmup"], steps):
-        cmd = [
-            sys.executable, str(script), "--pretrained_model_name_or_path", str(model), "--dataset_name", str(data),
-            "--dataset_split_name", "train", "--output_dir", str(out / f"run{n}"),
-            "--resolution", str(case["resolution"]), "--train_batch_size", str(case["batch"]),
-            "--rank", str(case["lora_rank"]), "--max_train_steps", str(n), "--mixed_precision", case["precision"],
-            "--beta_dpo", "2500", "--learning_rate", "1e-5", "--dataloader_num_workers", "4",
-            "--report_to", "tensorboard", "--seed", "0", "--checkpointing_steps", "100000",
-            "--vae_encode_batch_size", str(2 * case["batch"]),
-        ]  # fmt: skip
-        if case["grad_ckpt"]:
-            cmd.append("--gradient_checkpointing")
-        start = time.perf_counter()
-        run = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        walls.append(time.perf_counter() - start)
-        if run.returncode != 0:
-            return {"error": run.stderr.strip().splitlines()[-1][:300] if run.stderr.strip() else "failed"}
-    return {"sec_per_step": (walls[1] - walls[0]) / (steps - case["warmup"])}
+    (shim / "sitecustomize.py").write_text(STEP_HOOK)
+    log = out / "steps.json"
+    env = {**os.environ, "PYTHONPATH": f"{shim}:{os.environ.get('PYTHONPATH', '')}", "BENCH_STEP_LOG": str(log)}
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if run.returncode != 0:
+        return {"error": (run.stderr.strip().splitlines() or ["failed"])[-1][:300]}
+    stamps = json.loads(log.read_text())
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])][warmup:]
+    return {"sec_per_step": statistics.median(gaps), "steps": len(stamps)} if gaps else {"error": "no steps timed"}
+
+
+def run_comparison(script: Path, model: Path, data: Path, out: Path, case: dict, steps: int) -> dict:
+    """Both tools as a user runs them (whole processes, same model folder, data and settings)."""
+    ours = timed_process(_diffalign_cmd(model, data, out / "diffalign", case, steps), out / "diffalign", 2)
+    theirs = timed_process(_diffusers_cmd(script, model, data, out / "diffusers", case, steps), out / "diffusers", 2)
+    return {"diffalign_wall": ours, "diffusers": theirs}
 
 
 def cases(smoke: bool) -> list[dict]:
@@ -219,22 +252,24 @@ def write_results(out: Path, rows: list[dict], env: dict) -> None:
     (out / "bench_gpu.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2))
     lines = [
         "| model | px | pairs/step | mode | attention | grad ckpt | precision | s/step | pairs/s | peak GiB | "
-        "diffusers script s/step | diffalign / diffusers |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "per-step (optimizer hook) s/step: diffalign CLI | diffusers script | ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "skipped" in r or "error" in r:
             why = r.get("skipped") or r.get("error")
             lines.append(f"| {r['model']} | {r['resolution']} | {r['batch']} | {r['mode']} | {r['attention']} | "
-                         f"{r['grad_ckpt']} | {r['precision']} | {why} ||||||")  # fmt: skip
+                         f"{r['grad_ckpt']} | {r['precision']} | {why} |||||||")  # fmt: skip
             continue
-        ref = r.get("diffusers", {})
+        ref, ours = r.get("diffusers", {}), r.get("diffalign_wall", {})
         ref_s = f"{ref['sec_per_step']:.3f}" if "sec_per_step" in ref else ref.get("error", "—")
-        ratio = f"{r['sec_per_step'] / ref['sec_per_step']:.2f}" if "sec_per_step" in ref else "—"
+        ours_s = f"{ours['sec_per_step']:.3f}" if "sec_per_step" in ours else ours.get("error", "—")
+        both = "sec_per_step" in ref and "sec_per_step" in ours
+        ratio = f"{ours['sec_per_step'] / ref['sec_per_step']:.2f}" if both else "—"
         peak = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "—"
         lines.append(f"| {r['model']} | {r['resolution']} | {r['batch']} | {r['mode']} | {r['attention_used']} | "
                      f"{r['grad_ckpt']} | {r['precision']} | {r['sec_per_step']:.3f} | "
-                     f"{r['batch'] / r['sec_per_step']:.2f} | {peak} | {ref_s} | {ratio} |")  # fmt: skip
+                     f"{r['batch'] / r['sec_per_step']:.2f} | {peak} | {ours_s} | {ref_s} | {ratio} |")  # fmt: skip
     (out / "bench_gpu.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
 
@@ -246,6 +281,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny models on CPU, the same code path")
     parser.add_argument("--budget", type=float, default=470.0, help="seconds; later cases are skipped past it")
     parser.add_argument("--steps", type=int, default=7, help="optimizer steps per case (the first 2 are warm-up)")
+    parser.add_argument("--compare-steps", type=int, default=12, help="steps of each tool's timed process")
+    parser.add_argument("--cases", default=None, help="comma list of case indices to run (default: all)")
     parser.add_argument("--diffusers-script", default=str(ROOT / ".devcarry" / "train_diffusion_dpo.py"))
     args = parser.parse_args()
     start = time.perf_counter()
@@ -262,7 +299,10 @@ def main() -> None:
     rows: list[dict] = []
     # a rough cost of each case in seconds, for the budget check (model build and load dominate SDXL)
     cost = {"tiny": 15, "sd15": 40, "sdxl": 90}
-    for case in cases(args.smoke):
+    selected = cases(args.smoke)
+    if args.cases:
+        selected = [selected[int(i)] for i in args.cases.split(",")]
+    for case in selected:
         row = {**case, "mode": f"LoRA r{case['lora_rank']}" if case["lora_rank"] else "full"}
         elapsed = time.perf_counter() - start
         if elapsed + cost[case["model"]] * (2 if case.get("compare") else 1) > args.budget:
@@ -277,7 +317,7 @@ def main() -> None:
                 row |= run_diffalign(model, data, work / "runs" / name, case, args.steps, device)
                 script = Path(args.diffusers_script)
                 if case.get("compare") and script.is_file():
-                    row["diffusers"] = run_diffusers_script(script, model, data, work / "ref" / name, case, args.steps)
+                    row |= run_comparison(script, model, data, work / "ref" / name, case, args.compare_steps)
             except Exception as err:  # keep measuring the other cases; the error is reported in the table
                 row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
         rows.append(row)

@@ -93,3 +93,9 @@ def test_library_entry_points_are_lazy_attributes():
     assert callable(diffalign.attach_negative_adapter) and callable(diffalign.load_config)
     with pytest.raises(AttributeError):
         diffalign.no_such_thing  # noqa: B018
+
+
+def test_flag_values_no_and_off_stay_strings_for_string_keys():
+    DPOConfig = get_trainer("dpo").config_class
+    cfg = load_config(DPOConfig, None, "--model m --data d --mixed_precision no --random_flip off".split())
+    assert cfg.mixed_precision == "no" and cfg.random_flip is False

@@ -30,6 +30,19 @@ class StrictConfig(BaseModel):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+_YAML11_WORDS = {"yes", "no", "on", "off", "y", "n"}
+
+
+def _parse_value(value: str) -> Any:
+    """A flag value as a YAML scalar or list, except YAML 1.1's word booleans: `--mixed_precision no` must stay the
+    string `"no"` (pydantic still reads `yes`/`no`/`on`/`off` as booleans for boolean keys)."""
+    if value == "":
+        return ""
+    if value.lower() in _YAML11_WORDS:
+        return value
+    return yaml.safe_load(value)
+
+
 def parse_overrides(args: list[str]) -> dict[str, Any]:
     """`["--beta", "500", "--lora_rank=8", "--no-gradient_checkpointing"]` → `{"beta": 500, ...}`.
 
@@ -55,7 +68,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             else:
                 parsed = True
         else:
-            parsed = yaml.safe_load(value) if value != "" else ""
+            parsed = _parse_value(value)
         out[key] = parsed
         i += 1
     return out
