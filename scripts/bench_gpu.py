@@ -312,7 +312,8 @@ def main() -> None:
         else:
             try:
                 model = make_model(case["model"], work / case["model"], device)
-                data = make_pairs(work / f"data_{case['model']}", case["batch"] * args.steps, case["resolution"])
+                n_pairs = case["batch"] * max(args.steps, args.compare_steps)  # no epoch restart inside a timed run
+                data = make_pairs(work / f"data_{case['model']}_{n_pairs}", n_pairs, case["resolution"])
                 name = "-".join(str(case[k]) for k in ("model", "lora_rank", "attention", "grad_ckpt"))
                 row |= run_diffalign(model, data, work / "runs" / name, case, args.steps, device)
                 script = Path(args.diffusers_script)

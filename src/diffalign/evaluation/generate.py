@@ -36,10 +36,11 @@ SCHEDULERS = {
 
 def resolve_model_path(model: str) -> str:
     """`"toy"` → the shipped toy pipeline; a local folder must exist; anything else is treated as a hub id."""
-    if model == "toy":
-        from diffalign.toyworld import pipeline_path
+    from diffalign.backbones.base import resolve_model_alias
 
-        return str(pipeline_path())
+    alias = resolve_model_alias(model)
+    if alias is not None:
+        return alias
     path = Path(model).expanduser()
     if path.exists() or model.startswith(("/", ".", "~")):
         if not (path / "model_index.json").is_file():
