@@ -290,7 +290,7 @@ def brightness_reward():
 
     rewards.register("test_brightness")(lambda **kw: Brightness(device="cpu", batch_size=kw.get("batch_size", 16)))
     yield "test_brightness"
-    rewards._REGISTRY.pop("test_brightness")
+    rewards.registry._REGISTRY.pop("test_brightness")
 
 
 def _eval_yaml(tmp_path, pipe_dir, lora_dir, prompts):

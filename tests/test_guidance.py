@@ -349,4 +349,4 @@ def test_eval_compares_plain_cfg_with_negative_adapter(tiny_sd_path, tmp_path):
         with pytest.raises(ConfigError, match="`models.cfg.negative_adapter` .* does not exist"):
             run_eval(build_config(EvalConfig, {"models": missing, **settings}))
     finally:
-        rewards._REGISTRY.pop("test_npo_brightness")
+        rewards.registry._REGISTRY.pop("test_npo_brightness")

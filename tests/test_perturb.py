@@ -297,8 +297,8 @@ def test_llm_perturber_runs_a_local_transformers_model(tmp_path):
 
 
 def test_confusable_perturber_edits_one_word_to_a_close_colour_or_another_shape():
-    from diffalign.perturb.toy import ConfusablePerturber
     from diffalign.toyworld import parse_caption
+    from diffalign.toyworld.perturb import ConfusablePerturber
 
     perturber = ConfusablePerturber(nearest=2)
     # nearest palette colours by RGB distance: red (200, 40, 40) -> brown (135, 80, 40), then purple (135, 60, 175)

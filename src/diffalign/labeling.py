@@ -208,12 +208,3 @@ def _write_output(table, parts: Path, out: Path, caption_column: str) -> dict[st
     subset.to_parquet(str(tmp))
     tmp.rename(out)
     return stats
-
-
-def toy_scored_pairs(ctx) -> str:
-    """Toy-world demo data for SmPO: exactly the DPO demo's pairs (its registered `build_data`), re-scored from their
-    stored PNGs by `label_pairs` with the `toy` reward (what `diffalign label --reward toy` does)."""
-    from diffalign.toyworld.demo import DEMO_METHODS
-
-    pairs = DEMO_METHODS["dpo"].build_data(ctx)
-    return label_pairs(pairs, reward="toy", batch_size=256, show_progress=False)["out"]

@@ -205,29 +205,20 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"} or bool(constants.HF_HUB_OFFLINE)
 
 
-# Short names for models that ship with a package: name → "module:function" returning the pipeline folder. Kept as
-# strings so this layer never imports what registers here (the toy world plugs in like a user's own model would).
-MODEL_ALIASES: dict[str, str] = {"toy": "diffalign.toyworld:pipeline_path"}
-
-
-def register_model_alias(name: str, target: str) -> None:
-    """Let `model: name` load the pipeline folder returned by `target` (`"package.module:function"`)."""
-    MODEL_ALIASES[name] = target
-
-
 def resolve_model_alias(name: str) -> str | None:
-    """The folder a model alias (`toy`) stands for, or None when `name` is not an alias."""
-    if name not in MODEL_ALIASES:
+    """The pipeline folder a model plug-in name stands for (`toy`: the shipped toy pipeline; `diffalign.models`
+    entry points, see `diffalign.plugins`), or None when `name` is not one. A local path of that name wins."""
+    if Path(name).expanduser().exists():
         return None
-    import importlib
+    from diffalign import plugins
 
-    module, func = MODEL_ALIASES[name].split(":")
-    return str(getattr(importlib.import_module(module), func)())
+    folder = plugins.load("models", name)
+    return None if folder is None else str(folder())
 
 
 def resolve_model_path(path_or_id: str | Path) -> str:
     """Check `path_or_id` before anything is loaded, so a missing model is a one-line error and never a hang.
-    A registered alias (`toy`, `MODEL_ALIASES`) resolves to its folder first.
+    A model plug-in name (`toy`, see `resolve_model_alias`) resolves to its folder first.
 
     A local folder must hold `model_index.json`. Anything else must look like a Hub id (`org/name`) and the Hub
     must be online; then it is returned unchanged for `from_pretrained` to download.

@@ -137,18 +137,22 @@ def pickapic_test_unique(path: str | Path) -> PromptSet:
     return flat("pickapic_test_unique", list(dict.fromkeys(_read_parquet_captions(files))))
 
 
-def toy_prompts(split: str) -> PromptSet:
-    """The toy world's built-in prompt splits (`train`, `heldout`)."""
-    from diffalign.toyworld import prompts
+def plugin_prompts(name: str, arg: str) -> PromptSet | None:
+    """`NAME:ARG` from a `diffalign.prompts` plug-in (the toy world's `toy:train` / `toy:heldout`), else None."""
+    from diffalign import plugins
 
-    return flat(f"toy_{split}", list(prompts(split)))
+    source = plugins.load("prompts", name)
+    return None if source is None else flat(f"{name}_{arg}", list(source(arg)))
 
 
 def load_prompts(spec: str | Path) -> PromptSet:
     """Resolve a `prompts` config value (see module docstring) into a `PromptSet`."""
     spec = str(spec)
-    if spec.startswith("toy:"):
-        return toy_prompts(spec.split(":", 1)[1])
+    name, sep, arg = spec.partition(":")
+    if sep and name != "pickapic" and not Path(spec).expanduser().exists():
+        found = plugin_prompts(name, arg)
+        if found is not None:
+            return found
     if spec.startswith("pickapic:"):
         return pickapic_test_unique(spec.split(":", 1)[1])
     path = Path(spec).expanduser()

@@ -208,13 +208,17 @@ def build_perturber(
 def _read_vocabulary(vocabulary: str | Path | Iterable[str] | None) -> list[str] | None:
     if vocabulary is None:
         return None
-    if str(vocabulary) == "toy":
-        from diffalign.toyworld.world import VOCABULARY
-
-        return list(VOCABULARY)
     if isinstance(vocabulary, (str, Path)):
         path = Path(vocabulary).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"`vocabulary` file {str(path)!r} does not exist (or pass `toy`)")
+            from diffalign import plugins
+
+            words = plugins.load("vocabularies", str(vocabulary))
+            if words is not None:
+                return list(words())
+            known = ", ".join(plugins.names("vocabularies")) or "none installed"
+            raise FileNotFoundError(
+                f"`vocabulary` {str(path)!r} is neither a word-list file nor a vocabulary plug-in ({known})"
+            )
         return path.read_text(encoding="utf-8").split()
     return list(vocabulary)

@@ -8,44 +8,15 @@ A reward is a callable `(images, prompts) -> Tensor[N]`; `images` is a list of P
 (`checkpoint`, `model`, `head`, ...), never encoded in the name. Heavy libraries are imported inside the factories.
 
 Built-in rewards: `hps` (HPS v2.0/v2.1), `pickscore`, `clip`, `aesthetic` (LAION improved aesthetic predictor),
-`toy` (the toy world's exact reward).
+and, as a plug-in, `toy` (the toy world's exact reward).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from .base import MissingWeightsError, Reward, load_torch_checkpoint
-
-_REGISTRY: dict[str, Callable[..., Reward]] = {}
-
-
-def register(name: str) -> Callable[[Callable[..., Reward]], Callable[..., Reward]]:
-    """Decorator: register a factory `(**kwargs) -> Reward` under `name`."""
-
-    def wrap(factory: Callable[..., Reward]) -> Callable[..., Reward]:
-        if name in _REGISTRY:
-            raise ValueError(f"reward {name!r} is already registered")
-        _REGISTRY[name] = factory
-        return factory
-
-    return wrap
-
-
-def available() -> list[str]:
-    """Names accepted by `create`, sorted."""
-    return sorted(_REGISTRY)
-
-
-def create(name: str, **kwargs: Any) -> Reward:
-    """Build the reward registered as `name`; `kwargs` go to its factory (weights paths, `device`, `dtype`,
-    `batch_size`, ...). An unknown name raises a `ValueError` listing `available()`."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown reward {name!r}; available: {', '.join(available())}")
-    reward = _REGISTRY[name](**kwargs)
-    reward.name = name
-    return reward
+from .registry import available, create, register
 
 
 def parse_spec(spec: str | dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
@@ -66,7 +37,8 @@ def parse_spec(spec: str | dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
     return label, name, kwargs
 
 
-# built-in rewards register themselves on import (their heavy imports stay inside the factories)
-from . import aesthetic, clip_rewards, toy  # noqa: E402, F401
+# built-in rewards register themselves on import (their heavy imports stay inside the factories); plug-ins (the toy
+# world's `toy`) are found by entry point (`diffalign.plugins`) when first asked for
+from . import aesthetic, clip_rewards  # noqa: E402, F401
 
 __all__ = ["MissingWeightsError", "Reward", "available", "create", "load_torch_checkpoint", "parse_spec", "register"]

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import register
 from .base import MissingWeightsError, Reward, check_local_path, load_torch_checkpoint, resolve_device, resolve_dtype
 from .clip_models import HFClipEncoder, OpenClipEncoder, load_clip_encoder
+from .registry import register
 
 HEAD_FILE = "sac+logos+ava1-l14-linearMSE.pth"
 

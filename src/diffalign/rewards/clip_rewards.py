@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from . import register
 from .base import Reward, hub_file, resolve_device, resolve_dtype
 from .clip_models import HFClipEncoder, OpenClipEncoder, cosine_scores, load_clip_encoder
+from .registry import register
 
 HPS_REPO = "xswu/HPSv2"
 HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}

@@ -283,12 +283,21 @@ def curated_pairs(ctx: DemoContext) -> str:
 register_demo(DemoMethod("dpo", curated_pairs, lambda ctx, final: lora_vs_base(ctx, final, "dpo")))
 register_demo(DemoMethod("kto", curated_pairs, lambda ctx, final: lora_vs_base(ctx, final, "kto")))
 # TPO: the world's own renders of the train captions + rule-perturbed captions (no image pairs, no reward)
-from diffalign.perturb.toy import toy_tpo_data  # noqa: E402
+from .perturb import toy_tpo_data  # noqa: E402
 
 register_demo(DemoMethod("tdpo", toy_tpo_data, lambda ctx, final: lora_vs_base(ctx, final, "tdpo")))
 register_demo(DemoMethod("tkto", toy_tpo_data, lambda ctx, final: lora_vs_base(ctx, final, "tkto")))
 # SmPO: the same self-labelled pairs, re-scored by `diffalign label` with the toy reward (score_0/score_1)
-from diffalign.labeling import toy_scored_pairs  # noqa: E402
+
+
+def toy_scored_pairs(ctx) -> str:
+    """Toy-world demo data for SmPO: exactly the DPO demo's pairs (its registered `build_data`), re-scored from their
+    stored PNGs by `label_pairs` with the `toy` reward (what `diffalign label --reward toy` does)."""
+    from diffalign.labeling import label_pairs
+
+    pairs = DEMO_METHODS["dpo"].build_data(ctx)
+    return label_pairs(pairs, reward="toy", batch_size=256, show_progress=False)["out"]
+
 
 register_demo(DemoMethod("smpo", toy_scored_pairs, lambda ctx, final: lora_vs_base(ctx, final, "smpo")))
 # NPO / Self-NPO: δ goes into the CFG unconditional branch; evaluated as plain CFG vs CFG with the negative adapter.

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from diffalign.rewards.base import Reward, resolve_device
+
 from .world import COLOURS, SHAPES, parse_caption
 
 WEIGHTS: dict[str, float] = {"colour": 0.5, "background": 0.25, "shape": 0.25}
@@ -200,3 +202,25 @@ def _as_tensor(images: torch.Tensor | Sequence[Image.Image]) -> torch.Tensor:
             f"`images` must be in [0, 1], got values in [{lo:.3f}, {hi:.3f}]; map [-1, 1] with (x + 1) / 2"
         )
     return images.clamp(0, 1)
+
+
+class ToyReward(Reward):
+    """`toy_reward(images [N, 3, H, W] in [0, 1], prompts) -> [N]` behind the reward interface (the `toy` plug-in of
+    `diffalign.rewards`); PIL inputs are converted first."""
+
+    def __init__(self, device: str | torch.device | None = None, batch_size: int = 256) -> None:
+        super().__init__(device, None, batch_size)
+
+    def score_batch(self, images: list[torch.Tensor], prompts: list[str]) -> torch.Tensor:
+        sizes = {tuple(image.shape) for image in images}
+        if len(sizes) > 1:
+            raise ValueError(f"the toy reward needs images of one size, got {sorted(sizes)}")
+        return torch.as_tensor(toy_reward(torch.stack(images).to(self.device), prompts))
+
+
+def make_toy_reward(
+    device: str | torch.device | None = "cpu", dtype: str | torch.dtype | None = None, batch_size: int = 256
+) -> ToyReward:
+    """Factory of the `toy` reward: how well a rendered 32×32 image matches its caption. `dtype` is accepted for
+    interface uniformity and ignored (the reward is exact arithmetic on pixels)."""
+    return ToyReward(resolve_device(device), batch_size)

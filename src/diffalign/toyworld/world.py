@@ -110,6 +110,11 @@ def _split_table() -> dict[str, tuple[str, ...]]:
     return {split: tuple(captions) for split, captions in table.items()}
 
 
+def vocabulary() -> list[str]:
+    """Every word of toy captions (the `toy` vocabulary plug-in of `diffalign perturb --vocabulary toy`)."""
+    return list(VOCABULARY)
+
+
 def prompts(split: str) -> list[str]:
     """All captions of a split, in a fixed order (shape, then colour, then background, as in `SHAPES`/`COLOURS`).
 

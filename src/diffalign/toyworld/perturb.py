@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from diffalign.toyworld import world
+from diffalign.perturb.base import Perturbation, Perturber
+from diffalign.perturb.dataset import perturb_dataset
 
-from .base import Perturbation, Perturber
-from .dataset import perturb_dataset
+from . import world
 
 logger = logging.getLogger(__name__)
 
