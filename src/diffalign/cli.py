@@ -273,6 +273,25 @@ def generate_command(
     typer.echo(f"{len(paths)} images: {out}")
 
 
+@app.command("export")
+def export_command(
+    run: Path = typer.Argument(..., help="a run folder, its final/, or a checkpoint-N/ folder"),
+    fmt: str = typer.Option(..., "--format", "-f", help="kohya (a .safetensors for ComfyUI/A1111/Forge) | diffusers"),
+    out: Path = typer.Option(..., "--out", "-o", help="output file (kohya) or folder (diffusers)"),
+    push_to_hub: str | None = typer.Option(None, "--push-to-hub", help="Hub repo id to upload a diffusers export to"),
+    private: bool = typer.Option(True, "--private/--public", help="visibility of a new Hub repo"),
+) -> None:
+    """Export a run for other runtimes: a kohya LoRA file or a complete diffusers pipeline folder with a model card."""
+    from diffalign.export import export_run
+
+    written = export_run(run, fmt, out)
+    typer.echo(f"{fmt}: {written}")
+    if push_to_hub:
+        from diffalign.export.card import push_to_hub as push
+
+        typer.echo(f"pushed: {push(written, push_to_hub, private=private)}")
+
+
 @app.command("env")
 def env_command(as_json: bool = typer.Option(False, "--json", help="print the report as JSON")) -> None:
     """Versions, devices, attention kernels and mixed-precision support: paste it into a bug report."""

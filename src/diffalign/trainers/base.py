@@ -300,6 +300,7 @@ class Trainer(ABC):
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             _truncate_metrics(self.output_dir / "metrics.jsonl", self.global_step)
+            (self.output_dir / "config.yaml").write_text(self.config.to_yaml())  # what checkpoints were made with
             if cfg.report_to != "none":
                 init_trackers(acc, cfg.tracker_project_name, cfg.model_dump(mode="json"), cfg.to_yaml())
 
@@ -464,6 +465,7 @@ class Trainer(ABC):
                 else:
                     self.backbone.save_full(final, denoiser=acc.unwrap_model(self.model))
             (final / "config.yaml").write_text(self.config.to_yaml())
+            (final / "run.json").write_text(json.dumps({"method": self.method, "step": self.global_step}))
             logger.info("saved %s", final)
         return final
 
