@@ -68,7 +68,7 @@ def test_wandb_offline_run_reads_back(tiny_sd_path, pairs_parquet, tmp_path, mon
     assert [(int(r["_step"]), int(r["val/current/count"]), int(r["val/base/count"])) for r in images] == [(3, 2, 2)]
     assert json.loads(images[0]["val/current/captions"]) == LISTS["validation_prompts"]
     config = wandb_records.config(run_file)
-    assert json.loads(config["beta"]) == 50.0 and json.loads(config["lora_target_modules"]) == '["to_q", "to_v"]'
+    assert json.loads(config["beta"]) == 50.0 and json.loads(config["lora_target_modules"]) == ["to_q", "to_v"]
 
 
 def test_validation_does_not_change_training(tiny_sd_path, pairs_parquet, tmp_path):  # noqa: F811
@@ -93,3 +93,12 @@ def test_validation_reward_curve_on_the_toy_model(pairs_parquet, tmp_path):  # n
     assert [r["step"] for r in records] == [1, 2]
     assert all(0.0 <= r["val/reward"] <= 1.0 for r in records)
     assert len({r["val/reward_base"] for r in records}) == 1  # the base is scored once
+
+
+def test_validation_log_is_truncated_on_resume(pairs_parquet, tmp_path):  # noqa: F811
+    values = dict(resolution=32, max_steps=3, validation_steps=1, validation_prompts=prompts("heldout")[:1],
+                  validation_num_inference_steps=2, validation_reward="toy", checkpointing_steps=1)  # fmt: skip
+    _run(DPOTrainer, pipeline_path(), pairs_parquet, tmp_path, **values)
+    _run(DPOTrainer, pipeline_path(), pairs_parquet, tmp_path, resume=str(tmp_path / "checkpoint-1"), **values)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "validation.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]

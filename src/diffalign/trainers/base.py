@@ -299,7 +299,8 @@ class Trainer(ABC):
         self._log_banner()
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            _truncate_metrics(self.output_dir / "metrics.jsonl", self.global_step)
+            for log in ("metrics.jsonl", "validation.jsonl"):
+                _truncate_metrics(self.output_dir / log, self.global_step)
             (self.output_dir / "config.yaml").write_text(self.config.to_yaml())  # what checkpoints were made with
             if cfg.report_to != "none":
                 init_trackers(acc, cfg.tracker_project_name, cfg.model_dump(mode="json"), cfg.to_yaml())

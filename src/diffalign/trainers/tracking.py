@@ -31,11 +31,15 @@ def tracker_config(config: dict[str, Any]) -> dict[str, bool | int | float | str
 
 
 def init_trackers(accelerator, project_name: str, config: dict[str, Any], config_yaml: str) -> None:
-    """Start the configured trackers with a scalar-only config, and store the full YAML as text."""
-    accelerator.init_trackers(project_name, config=tracker_config(config))
+    """Start the configured trackers; tensorboard's hparams get a scalar-only config plus the full YAML as text,
+    wandb the config as it is (lists stay lists)."""
+    accelerator.init_trackers(project_name)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
+            tracker.store_init_configuration(tracker_config(config))
             tracker.writer.add_text("config", "```yaml\n" + config_yaml + "\n```", 0)
+        else:
+            tracker.store_init_configuration(config)
 
 
 def log_images(accelerator, images: dict[str, list], step: int, captions: list[str] | None = None) -> None:
