@@ -462,3 +462,31 @@ def test_plot_metrics(tmp_path):
     (tmp_path / "other.jsonl").write_text(json.dumps({"step": 1, "lr": 1.0}) + "\n")
     with pytest.raises(ValueError, match="has none of the keys \\['loss', 'implicit_acc'\\]"):
         plot_metrics(tmp_path / "other.jsonl", tmp_path / "x.png")
+
+
+def test_generate_uses_the_models_own_sampler_defaults(tiny_sd_path):
+    from diffalign import toyworld
+    from diffalign.evaluation.generate import DEFAULT_SAMPLING, sampling_defaults
+
+    assert sampling_defaults("toy") == {"num_inference_steps": 20, "guidance_scale": 3.0} == toyworld.SAMPLING
+    assert sampling_defaults(str(tiny_sd_path)) == DEFAULT_SAMPLING
+
+
+def test_eval_file_paths_are_relative_to_the_file(tmp_path, monkeypatch):
+    from diffalign.config import load_config
+    from diffalign.evaluation import EvalConfig
+
+    (tmp_path / "cfg" / "runs" / "dpo" / "final").mkdir(parents=True)
+    (tmp_path / "cfg" / "prompts.txt").write_text("a red circle\n")
+    (tmp_path / "cfg" / "eval.yaml").write_text(
+        "models:\n  base: {model: toy}\n  dpo: {model: toy, lora: runs/dpo/final}\n"
+        "prompts: prompts.txt\nrewards: [toy, {name: hps, checkpoint: missing.pt}]\nout: results\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(EvalConfig, "cfg/eval.yaml")
+    folder = (tmp_path / "cfg").resolve()
+    assert cfg.models["dpo"].lora == str(folder / "runs/dpo/final") and cfg.models["dpo"].model == "toy"
+    assert cfg.prompts == str(folder / "prompts.txt") and cfg.out == str(folder / "results")
+    assert cfg.rewards == ["toy", {"name": "hps", "checkpoint": "missing.pt"}]  # absent files stay as written
+    preset = load_config(EvalConfig, "eval_toy")
+    assert not preset.out.startswith("/")  # shipped presets stay relative to the working directory

@@ -245,8 +245,10 @@ def generate_command(
     beta: float = typer.Option(1.0, "--beta", help="weight of δ in θ_neg = θ_base + α·η + β·δ"),
     base: str | None = typer.Option(None, "--base", help="base model; only for α ≠ 1 with a fully fine-tuned model"),
     seeds: str = typer.Option("0", "--seeds", help="comma list of seeds, one image per prompt per seed"),
-    steps: int = typer.Option(25, "--steps", help="sampler steps"),
-    guidance_scale: float = typer.Option(7.5, "--guidance-scale", help="CFG scale (≤ 1: no guidance, δ unused)"),
+    steps: int | None = typer.Option(None, "--steps", help="sampler steps; default: the model's own (toy: 20) or 25"),
+    guidance_scale: float | None = typer.Option(
+        None, "--guidance-scale", help="CFG scale (≤ 1: off, δ unused); default: the model's own (toy: 3) or 7.5"
+    ),
     scheduler: str | None = typer.Option(None, "--scheduler", help="ddim, euler, dpm++, ...; default: the model's"),
     resolution: int | None = typer.Option(None, "--resolution", help="image side in pixels; default: the model's"),
     batch_size: int = typer.Option(8, "--batch-size", help="prompts per pipeline call"),
@@ -255,7 +257,7 @@ def generate_command(
 ) -> None:
     """Generate images with paired seeds from a stock pipeline, optionally with a negative adapter in CFG."""
     from diffalign.config import ConfigError
-    from diffalign.evaluation.generate import generate_images, load_pipeline
+    from diffalign.evaluation.generate import generate_images, load_pipeline, sampling_defaults
     from diffalign.evaluation.prompts import PromptItem, PromptSet, load_prompts
     from diffalign.rewards.base import resolve_device, resolve_dtype
 
@@ -264,6 +266,9 @@ def generate_command(
     items = tuple(PromptItem(text, "", i) for i, text in enumerate(prompt or []))
     prompt_set = load_prompts(prompts) if prompts else PromptSet("cli", items)
     seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+    defaults = sampling_defaults(model)
+    steps = steps if steps is not None else defaults["num_inference_steps"]
+    guidance_scale = guidance_scale if guidance_scale is not None else defaults["guidance_scale"]
     pipe = load_pipeline(
         model, lora, scheduler, resolve_device(device), resolve_dtype(dtype), negative_adapter, alpha, beta, base
     )

@@ -26,6 +26,11 @@ class StrictConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
+    @classmethod
+    def resolve_file_paths(cls, values: dict[str, Any], folder: Path) -> dict[str, Any]:
+        """Rewrite relative paths of a YAML file's `values` against the file's `folder` (configs override this)."""
+        return values
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
@@ -188,6 +193,8 @@ def load_config(cls: type[C], config_path: str | Path | None = None, overrides: 
     """Defaults of `cls` < YAML file at `config_path` < `--key value` `overrides` (for training configs the diffusers
     research scripts' flag names are accepted too, `DIFFUSERS_FLAG_ALIASES`)."""
     file_layer = read_yaml(config_path) if config_path else {}
+    if config_path and Path(config_path).is_file():  # a user's file (shipped presets stay relative to the cwd)
+        file_layer = cls.resolve_file_paths(file_layer, Path(config_path).resolve().parent)
     flags = parse_overrides(overrides or [])
     if issubclass(cls, TrainConfig):
         flags = translate_aliases(flags)

@@ -111,6 +111,18 @@ def make_scheduler(name: str, config: dict):
 
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
+SAMPLING_FILE = "sampling.json"
+DEFAULT_SAMPLING = {"num_inference_steps": 25, "guidance_scale": 7.5}
+
+
+def sampling_defaults(model: str) -> dict:
+    """The model's own sampler defaults: `sampling.json` in its pipeline folder (the toy pipeline ships one: 20
+    steps, CFG 3), else 25 steps at CFG 7.5."""
+    try:
+        path = Path(resolve_model_path(model)) / SAMPLING_FILE
+    except (FileNotFoundError, ValueError):
+        return dict(DEFAULT_SAMPLING)
+    return {**DEFAULT_SAMPLING, **json.loads(path.read_text())} if path.is_file() else dict(DEFAULT_SAMPLING)
 
 
 def _load_lora(pipe, lora: str) -> None:

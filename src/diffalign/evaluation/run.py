@@ -78,6 +78,44 @@ class EvalConfig(StrictConfig):
     bootstrap_samples: int = Field(2000, ge=100, description="prompt resamples for win-rate intervals")
     bootstrap_seed: int = Field(0, description="seed of the bootstrap")
 
+    @classmethod
+    def resolve_file_paths(cls, values: dict[str, Any], folder: Path) -> dict[str, Any]:
+        """In an eval YAML file, relative paths are relative to the file: model/LoRA/adapter folders, prompt files
+        and reward weights that exist there are rewritten, and `out` is placed next to the file. Model names
+        (`toy`), hub ids and prompt specs (`toy:heldout`) are left as they are."""
+        values = dict(values)
+
+        def here(value: Any) -> Any:
+            if not isinstance(value, str) or Path(value).is_absolute() or not (folder / value).exists():
+                return value
+            return str(folder / value)
+
+        models = {}
+        for name, spec in (values.get("models") or {}).items():
+            spec = dict(spec) if isinstance(spec, dict) else spec
+            if isinstance(spec, dict):
+                spec.update({k: here(spec[k]) for k in ("model", "lora", "negative_adapter", "base") if k in spec})
+            models[name] = spec
+        if models:
+            values["models"] = models
+        if isinstance(values.get("prompts"), str):
+            prefix, sep, rest = values["prompts"].partition(":")
+            values["prompts"] = f"{prefix}:{here(rest)}" if sep and prefix == "pickapic" else here(values["prompts"])
+        weight_keys = ("checkpoint", "model", "processor", "head", "pretrained")
+        values["rewards"] = (
+            [
+                {k: here(v) if k in weight_keys else v for k, v in r.items()} if isinstance(r, dict) else r
+                for r in values.get("rewards", [])
+            ]
+            if "rewards" in values
+            else None
+        )
+        if values["rewards"] is None:
+            values.pop("rewards")
+        if isinstance(values.get("out"), str) and not Path(values["out"]).is_absolute():
+            values["out"] = str(folder / values["out"])
+        return values
+
     @field_validator("models", mode="before")
     @classmethod
     def _shorthand(cls, value: Any) -> Any:
