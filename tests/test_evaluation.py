@@ -490,3 +490,17 @@ def test_eval_file_paths_are_relative_to_the_file(tmp_path, monkeypatch):
     assert cfg.rewards == ["toy", {"name": "hps", "checkpoint": "missing.pt"}]  # absent files stay as written
     preset = load_config(EvalConfig, "eval_toy")
     assert not preset.out.startswith("/")  # shipped presets stay relative to the working directory
+
+
+def test_grid_captions_each_tile(tmp_path):
+    from diffalign.evaluation.report import CAPTION_HEIGHT, HEADER_HEIGHT, image_grid
+
+    tile = Image.new("RGB", (32, 32), (200, 30, 30))
+    plain = Image.open(image_grid([[tile, tile]], ["p"], ["a", "b"], tmp_path / "plain.png"))
+    captioned = image_grid(
+        [[tile, tile]], ["p"], ["a", "b"], tmp_path / "c.png", cell_labels=[["seed 0 · toy 0.5"] * 2]
+    )
+    captioned = Image.open(captioned)
+    assert captioned.height == plain.height + CAPTION_HEIGHT == HEADER_HEIGHT + 128 + CAPTION_HEIGHT
+    strip = np.asarray(captioned.convert("L"))[HEADER_HEIGHT + 128 :, 220:]
+    assert (strip < 128).any()  # text was drawn under the tiles

@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 
 LABEL_WIDTH = 220
 HEADER_HEIGHT = 24
+CAPTION_HEIGHT = 14
 MIN_CELL = 128
 
 
@@ -21,6 +22,7 @@ def image_grid(
     col_labels: Sequence[str],
     out_png: str | Path,
     cell: int | None = None,
+    cell_labels: Sequence[Sequence[str]] | None = None,
 ) -> Path:
     """Save a grid PNG: one row per prompt (labelled with its text), one column per model (labelled with its name).
 
@@ -28,6 +30,8 @@ def image_grid(
         rows (`Sequence[Sequence[path | PIL.Image]]`): `rows[r][c]` is the image of prompt `r` by model `c`.
         cell (`int`, *optional*): cell size in pixels; defaults to the image size, at least 128 (small images are
             enlarged with nearest-neighbour so pixels stay visible).
+        cell_labels (`Sequence[Sequence[str]]`, *optional*): a caption under each image (`rows × columns`), e.g.
+            its seed and reward score.
     """
     if len(rows) != len(row_labels) or any(len(r) != len(col_labels) for r in rows):
         raise ValueError(f"`rows` must be {len(row_labels)} × {len(col_labels)} images")
@@ -35,12 +39,16 @@ def image_grid(
         raise ValueError("`rows` is empty")
     first = _open(rows[0][0])
     cell = cell or max(MIN_CELL, first.width)
-    grid = Image.new("RGB", (LABEL_WIDTH + cell * len(col_labels), HEADER_HEIGHT + cell * len(rows)), "white")
+    strip = CAPTION_HEIGHT if cell_labels is not None else 0
+    height = HEADER_HEIGHT + (cell + strip) * len(rows)
+    grid = Image.new("RGB", (LABEL_WIDTH + cell * len(col_labels), height), "white")
     draw = ImageDraw.Draw(grid)
     for c, name in enumerate(col_labels):
         draw.text((LABEL_WIDTH + c * cell + 4, 6), name[: cell // 7], fill="black")
     for r, (paths, label) in enumerate(zip(rows, row_labels)):
-        top = HEADER_HEIGHT + r * cell
+        top = HEADER_HEIGHT + r * (cell + strip)
+        for c, caption in enumerate(cell_labels[r] if cell_labels is not None else []):
+            draw.text((LABEL_WIDTH + c * cell + 4, top + cell + 2), caption[: cell // 6], fill="black")
         draw.multiline_text((4, top + 4), "\n".join(textwrap.wrap(label, 34)[:8]), fill="black")
         for c, path in enumerate(paths):
             tile = _open(path).convert("RGB").resize((cell, cell), Image.Resampling.NEAREST)

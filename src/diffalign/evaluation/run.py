@@ -315,11 +315,18 @@ def _write_outputs(
                 f.write(json.dumps(row) + "\n")
     if cfg.grid_prompts:
         rows = np.unique(np.linspace(0, len(prompt_set) - 1, min(cfg.grid_prompts, len(prompt_set))).round())
+        first = next(iter(scores), None)  # each tile: its seed and its score under the first reward
+        captions = [
+            [f"seed {cfg.seeds[0]}" + (f" · {first} {scores[first][m][int(r), 0]:.3g}" if first else "")
+             for m in paths]
+            for r in rows
+        ]  # fmt: skip
         image_grid(
             [[paths[m][int(r), 0] for m in paths] for r in rows],
             [prompt_set.items[int(r)].text for r in rows],
             list(paths),
             out / "grid.png",
+            cell_labels=captions,
         )
         results["grid"] = "grid.png"
     (out / "results.json").write_text(json.dumps(results, indent=2))
