@@ -4,6 +4,7 @@ the real `lora_alpha`), their names follow kohya's rules, complete pipeline fold
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,3 +162,39 @@ def test_cli_export_and_offline_hub_error(tiny_sd_path, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="cannot push to the Hub repo 'me/model': HF_HUB_OFFLINE is set"):
         push_to_hub(tmp_path, "me/model")
     assert json.loads((run / "final" / "run.json").read_text())["method"] == "dpo"
+
+
+def test_train_push_to_hub_fails_before_training_when_offline(tiny_sd_path, tmp_path):
+    data = scale_cases.write_data(tmp_path / "data")
+    with pytest.raises(ConfigError, match="needs the Hub, but HF_HUB_OFFLINE is set"):
+        scale_cases.run("dpo", tiny_sd_path, data["dpo"], tmp_path / "out", 2, 1, push_to_hub=True,
+                        hub_model_id="me/x")  # fmt: skip
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_publish_run_writes_a_card_and_uploads_the_complete_folder(tiny_sd_path, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    import diffalign.backbones.base as backbone_base
+    from diffalign.export import publish_run
+
+    calls = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private, exist_ok):
+            calls["create"] = (repo_id, private)
+
+        def upload_folder(self, folder_path, repo_id, commit_message):
+            calls["files"] = sorted(p.name for p in Path(folder_path).iterdir())
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(backbone_base, "hub_offline", lambda: False)
+    run = _train(tiny_sd_path, tmp_path, "run")
+    url = publish_run(run / "final", "me/dpo-tiny")
+    assert url == "https://huggingface.co/me/dpo-tiny" and calls["create"] == ("me/dpo-tiny", True)
+    assert {"README.md", "pytorch_lora_weights.safetensors", "config.yaml", "run.json"} <= set(calls["files"])
+    card = (run / "final" / "README.md").read_text()
+    assert 'pipe.load_lora_weights("me/dpo-tiny")' in card and f'from_pretrained("{tiny_sd_path}"' in card

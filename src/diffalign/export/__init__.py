@@ -16,7 +16,19 @@ from diffalign.export.runs import RunWeights, load_run
 
 FORMATS = ("kohya", "diffusers")
 
-__all__ = ["FORMATS", "RunWeights", "export_run", "load_run"]
+__all__ = ["FORMATS", "RunWeights", "export_run", "load_run", "publish_run"]
+
+
+def publish_run(final: str | Path, repo_id: str, private: bool = True) -> str:
+    """Write a model card into a run's `final/` (LoRA or full) and upload that folder to `repo_id`; the train
+    config's `push_to_hub` calls this. Returns the repo URL."""
+    from diffalign.backbones import detect_family
+    from diffalign.export.card import push_to_hub, write_model_card
+
+    weights = load_run(final)
+    base = _base_model(weights)
+    write_model_card(Path(final), weights, base, detect_family(base), repo_id=repo_id)
+    return push_to_hub(final, repo_id, private=private)
 
 
 def _base_model(weights: RunWeights) -> str:

@@ -25,13 +25,13 @@ Fine-tuned with [diffalign](https://pypi.org/project/diffalign/) using **{method
 import torch
 from diffusers import DiffusionPipeline
 
-pipe = DiffusionPipeline.from_pretrained("{repo}", torch_dtype=torch.float16).to("cuda")
+{load}
 image = pipe("a photo of a cat", num_inference_steps=30).images[0]
 ```
 
 ## Use in ComfyUI / AUTOMATIC1111 / Forge
 
-This folder is a complete pipeline. For a LoRA file those tools load, export the run with
+For a single LoRA file those tools load, export the run with
 `diffalign export RUN --format kohya --out {slug}.safetensors` and put it in `models/loras/`
 (ComfyUI: a *LoraLoader* node; A1111/Forge: `<lora:{slug}:1>` in the prompt).
 """
@@ -62,13 +62,20 @@ def write_model_card(folder: Path, weights: RunWeights, base: str, family: str, 
             base=cfg.get("model", base),
             table=f"| method | {weights.method} |\n{table}",
             eval_table=_eval_table(weights),
-            repo=repo_id or str(folder),
             slug=slug,
+            load=_load_snippet(weights, repo_id or str(folder), cfg.get("model", base)),
         )  # fmt: skip
     )
     path = folder / "README.md"
     card.save(str(path))
     return path
+
+
+def _load_snippet(weights: RunWeights, repo: str, base: str) -> str:
+    if weights.lora and weights.full_denoiser is None and not (Path(repo) / "model_index.json").is_file():
+        return (f'pipe = DiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")\n'
+                f'pipe.load_lora_weights("{repo}")')  # fmt: skip
+    return f'pipe = DiffusionPipeline.from_pretrained("{repo}", torch_dtype=torch.float16).to("cuda")'
 
 
 def _eval_table(weights: RunWeights) -> str:

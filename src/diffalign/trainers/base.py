@@ -175,6 +175,8 @@ class Trainer(ABC):
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir)),
         )
         check_world_size(self.accelerator)
+        if cfg.push_to_hub:
+            _check_hub_target(cfg)
         set_seed(cfg.seed)
         if cfg.allow_tf32 and device_type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -467,6 +469,10 @@ class Trainer(ABC):
                     self.backbone.save_full(final, denoiser=acc.unwrap_model(self.model))
             (final / "config.yaml").write_text(self.config.to_yaml())
             (final / "run.json").write_text(json.dumps({"method": self.method, "step": self.global_step}))
+            if self.config.push_to_hub:
+                from diffalign.export import publish_run
+
+                logger.info("pushed %s", publish_run(final, self.config.hub_model_id))
             logger.info("saved %s", final)
         return final
 
@@ -489,6 +495,17 @@ def _fresh_accelerator_state() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         AcceleratorState._reset_state()
         GradientState._reset_state()
+
+
+def _check_hub_target(cfg: TrainConfig) -> None:
+    """`push_to_hub` needs a repo id and a reachable Hub: checked before training, not after hours of it."""
+    from diffalign.backbones.base import hub_offline
+    from diffalign.config import ConfigError
+
+    if not cfg.hub_model_id:
+        raise ConfigError("`push_to_hub` is set but `hub_model_id` is not; pass `--hub_model_id me/my-model`")
+    if hub_offline():
+        raise ConfigError(f"`push_to_hub` to {cfg.hub_model_id!r} needs the Hub, but HF_HUB_OFFLINE is set")
 
 
 def _batch_len(batch: dict) -> int:
