@@ -102,3 +102,16 @@ def test_validation_log_is_truncated_on_resume(pairs_parquet, tmp_path):  # noqa
     _run(DPOTrainer, pipeline_path(), pairs_parquet, tmp_path, resume=str(tmp_path / "checkpoint-1"), **values)
     steps = [json.loads(line)["step"] for line in (tmp_path / "validation.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
+
+
+def test_held_out_implicit_accuracy_without_changing_training(tiny_sd_path, pairs_parquet, tmp_path):  # noqa: F811
+    plain = _run(DPOTrainer, tiny_sd_path, pairs_parquet, tmp_path / "plain")
+    held = _run(DPOTrainer, tiny_sd_path, pairs_parquet, tmp_path / "held", validation_steps=1,
+                validation_data=pairs_parquet, validation_max_samples=6)  # fmt: skip
+    assert [m["loss"] for m in held] == [m["loss"] for m in plain]
+    records = [json.loads(line) for line in (tmp_path / "held" / "validation.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for r in records:
+        assert 0.0 <= r["val/implicit_acc"] <= 1.0 and abs(r["val/loss"] - 0.6931) < 0.05
+        assert {"val/reward_margin", "val/model_err_w"} <= set(r)
+    assert len({r["val/loss"] for r in records}) > 1  # the weights moved between validations

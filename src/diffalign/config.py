@@ -234,6 +234,10 @@ class TrainConfig(StrictConfig):
     validation_num_inference_steps: int = 25
     validation_guidance_scale: float = 7.5
     validation_seed: int = Field(0, description="Seed of the first validation prompt (prompt i uses seed + i).")
+    validation_data: str | None = Field(
+        None, description="Held-out table (the training data's format): val/loss, val/implicit_acc every N steps."
+    )
+    validation_max_samples: int = Field(256, ge=1, description="Rows of `validation_data` used per validation.")
     validation_reward: str | dict[str, Any] | None = Field(
         None, description="Reward (registry name or {name: ..., ...}) scoring the validation images: val/reward."
     )

@@ -29,7 +29,7 @@ from diffalign.config import TrainConfig
 from diffalign.data import collate
 from diffalign.objectives import per_sample_error
 from diffalign.trainers import checkpoint as ckpt
-from diffalign.trainers.callbacks import Callback, EMACallback, ValidationCallback
+from diffalign.trainers.callbacks import Callback, EMACallback, HeldOutLossCallback, ValidationCallback
 from diffalign.trainers.distributed import OutputDirLock, check_world_size, describe_launch
 from diffalign.trainers.hardware import FROZEN_DTYPES, build_optimizer, resolve_mixed_precision, resolve_optimizer
 from diffalign.trainers.sampling import StepBatchSampler, sample_generators, stream_positions
@@ -72,6 +72,16 @@ class Trainer(ABC):
         """Called once per optimizer step with its micro-batches and their stream positions, before any
         `compute_loss`: where a method computes statistics over the whole step (KTO's reference point)."""
         return None
+
+    def build_dataset_from(self, data: str) -> Dataset:
+        """The method's dataset over another table (held-out validation data), built as `build_dataset` builds the
+        training one."""
+        original = self.config
+        self.config = original.model_copy(update={"data": data})
+        try:
+            return self.build_dataset()
+        finally:
+            self.config = original
 
     # ---- helpers for methods ------------------------------------------------------------------------------------
     def latents(self, batch: dict, suffixes: tuple[str, ...] = ("",)) -> torch.Tensor:
@@ -219,6 +229,10 @@ class Trainer(ABC):
         self._register_checkpoint_hooks()
         if cfg.ema_decay:
             self.callbacks.append(EMACallback(cfg.ema_decay))
+        if cfg.validation_steps and cfg.validation_data:
+            self.callbacks.append(
+                HeldOutLossCallback(cfg.validation_steps, cfg.validation_data, cfg.validation_max_samples)
+            )
         if cfg.validation_steps and cfg.validation_prompts:
             self.callbacks.append(
                 ValidationCallback(

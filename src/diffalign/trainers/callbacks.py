@@ -25,6 +25,10 @@ class TrainerLike(Protocol):
 
     def reference(self): ...
 
+    def build_dataset_from(self, data: str): ...
+
+    def compute_loss(self, batch: dict, generators: list): ...
+
 
 class Callback:
     """Hooks called by `Trainer.train`; every method is optional."""
@@ -139,3 +143,53 @@ class ValidationCallback(Callback):
         if trainer.config.report_to != "none":
             trainer.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
         logger.info("validation reward %.4f (base %.4f)", value, self._base_reward)
+
+
+class HeldOutLossCallback(Callback):
+    """Every `every` steps, on the main process: the method's own loss and stats (`implicit_acc`, `reward_margin`,
+    …) on up to `max_samples` rows of a held-out table in the training data's format, with fixed t/ε draws (the same
+    every time, so the curve compares like with like), under no grad. Logged as `val/<stat>` to the trackers and
+    `validation.jsonl`. `implicit_acc` is the fraction of held-out pairs whose implicit reward margin
+    −½β((m_w − m_l) − (r_w − r_l)) is positive (DPO-family methods)."""
+
+    SEED_OFFSET = 7_777_777  # keeps the held-out draws apart from any training sample's stream
+
+    def __init__(self, every: int, data: str, max_samples: int = 256):
+        self.every, self.data, self.max_samples = every, data, max_samples
+        self._dataset = None
+
+    def on_step_end(self, trainer: TrainerLike, step: int) -> None:
+        if step % self.every or not trainer.accelerator.is_main_process:
+            return
+        import json
+
+        from diffalign.data import collate
+        from diffalign.trainers.sampling import sample_generators
+
+        if self._dataset is None:
+            self._dataset = trainer.build_dataset_from(self.data)
+        n = min(len(self._dataset), self.max_samples)
+        size = trainer.config.batch_size
+        totals: dict[str, float] = {}
+        count = 0
+        wrapped = trainer.model
+        trainer.model = trainer.accelerator.unwrap_model(wrapped)  # main process only: no collective ops
+        try:
+            with torch.no_grad(), trainer.accelerator.autocast():
+                for start in range(0, n, size):
+                    batch = collate([self._dataset[(0, i)] for i in range(start, min(start + size, n))])
+                    batch.pop("skipped", None)
+                    rows = len(batch.get("caption", [])) or min(size, n - start)
+                    positions = [self.SEED_OFFSET + trainer.config.seed + i for i in range(start, start + rows)]
+                    loss, stats = trainer.compute_loss(batch, sample_generators(trainer.config.seed, positions))
+                    for key, value in {"loss": loss, **stats}.items():
+                        totals[key] = totals.get(key, 0.0) + float(value) * rows
+                    count += rows
+        finally:
+            trainer.model = wrapped
+        record = {"step": step, **{f"val/{k}": v / count for k, v in totals.items()}}
+        with open(trainer.output_dir / "validation.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if trainer.config.report_to != "none":
+            trainer.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+        logger.info("held-out: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step"))
