@@ -60,7 +60,7 @@ def test_wandb_offline_run_reads_back(tiny_sd_path, pairs_parquet, tmp_path, mon
         validation_num_inference_steps=2,
     )  # fmt: skip
     run_file = next((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
-    rows = [r for r in wandb_records.history(run_file) if "loss" in r]
+    rows = wandb_records.wait_for_rows(run_file, "loss", len(metrics))
     assert [(int(r["_step"]), float(r["loss"])) for r in rows] == [
         (m["step"], pytest.approx(m["loss"], rel=1e-6)) for m in metrics
     ]

@@ -47,6 +47,22 @@ def config(path: str | Path) -> dict[str, str]:
     """The run's config updates: `{key: value_json}`."""
     out = {}
     for r in records(path):
-        if r.WhichOneof("record_type") == "config":
+        kind = r.WhichOneof("record_type")
+        if kind == "config":
             out.update({u.key: u.value_json for u in r.config.update})
+        elif kind == "run":  # a config given to wandb.init travels in the run record
+            out.update({u.key: u.value_json for u in r.run.config.update})
     return out
+
+
+def wait_for_rows(path: str | Path, key: str, count: int, timeout: float = 20.0) -> list[dict[str, str]]:
+    """History rows holding `key`, waiting for wandb's core process to flush the file (it writes asynchronously
+    and may still be doing so when `run.finish()` returns)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = [r for r in history(path) if key in r]
+        if len(rows) >= count or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.2)

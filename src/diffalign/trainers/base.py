@@ -200,7 +200,8 @@ class Trainer(ABC):
         if cfg.lora_rank > 0:
             # the frozen base weights are stored in the compute dtype (autocast would cast them on every forward;
             # measured on an H200, SD1.5 LoRA batch 8: 0.407 → see the README's GPU table); LoRA weights stay fp32
-            self.denoiser.to(self.frozen_dtype)
+            if self.frozen_dtype != torch.float32:
+                self.denoiser.to(self.frozen_dtype)
             targets = tuple(cfg.lora_target_modules) if cfg.lora_target_modules else None
             self.backbone.add_lora(cfg.lora_rank, cfg.lora_alpha, targets)
         else:
