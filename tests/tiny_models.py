@@ -64,10 +64,10 @@ def _vae(**kwargs) -> AutoencoderKL:
     )
 
 
-def _clip_config(projection: bool) -> CLIPTextConfig:
+def _clip_config(projection: bool, width: int = CLIP_WIDTH) -> CLIPTextConfig:
     return CLIPTextConfig(
         vocab_size=CLIP_VOCAB,
-        hidden_size=CLIP_WIDTH,
+        hidden_size=width,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=2,
@@ -86,9 +86,9 @@ def _tokenizer(path: Path):
     return tokenizer
 
 
-def _clip(cls, path: Path, projection: bool):
+def _clip(cls, path: Path, projection: bool, width: int = CLIP_WIDTH):
     tokenizer = _tokenizer(path)
-    config = _clip_config(projection)
+    config = _clip_config(projection, width)
     config.eos_token_id = tokenizer.eos_token_id  # CLIP pools at the first EOS
     config.bos_token_id = tokenizer.bos_token_id
     config.pad_token_id = tokenizer.pad_token_id
@@ -143,15 +143,21 @@ def make_tiny_sd(path: str | Path, prediction_type: str = "epsilon") -> Path:
     return _save(pipe, path)
 
 
-def make_tiny_sdxl(path: str | Path) -> Path:
-    """Write a tiny `StableDiffusionXLPipeline` folder (two CLIP encoders, `text_time` micro-conditioning)."""
+def make_tiny_sdxl(path: str | Path, width_2: int = CLIP_WIDTH) -> Path:
+    """Write a tiny `StableDiffusionXLPipeline` folder (two CLIP encoders, `text_time` micro-conditioning).
+
+    `width_2` is the second encoder's width; a value other than the first's (as in real SDXL, 768 vs 1280) lets
+    `from_single_file` tell the two encoders apart by shape.
+    """
     path = Path(path)
     torch.manual_seed(0)
     text_encoder, tokenizer = _clip(CLIPTextModel, path / "_scratch" / "tok", projection=False)
-    text_encoder_2, tokenizer_2 = _clip(CLIPTextModelWithProjection, path / "_scratch" / "tok2", projection=True)
+    text_encoder_2, tokenizer_2 = _clip(
+        CLIPTextModelWithProjection, path / "_scratch" / "tok2", projection=True, width=width_2
+    )
     time_dim = 8
     unet = _unet(
-        2 * CLIP_WIDTH,
+        CLIP_WIDTH + width_2,
         addition_embed_type="text_time",
         addition_time_embed_dim=time_dim,
         projection_class_embeddings_input_dim=6 * time_dim + PROJECTION_DIM,

@@ -280,21 +280,34 @@ def generate_command(
 
 @app.command("export")
 def export_command(
-    run: Path = typer.Argument(..., help="a run folder, its final/, or a checkpoint-N/ folder"),
-    fmt: str = typer.Option(..., "--format", "-f", help="kohya (a .safetensors for ComfyUI/A1111/Forge) | diffusers"),
-    out: Path = typer.Option(..., "--out", "-o", help="output file (kohya) or folder (diffusers)"),
-    push_to_hub: str | None = typer.Option(None, "--push-to-hub", help="Hub repo id to upload a diffusers export to"),
-    private: bool = typer.Option(True, "--private/--public", help="visibility of a new Hub repo"),
+    run: Path = typer.Argument(
+        ..., help="run folder (uses its final/), a final/ folder, or a checkpoint-<step>/ folder"
+    ),
+    format: str = typer.Option(
+        "kohya", "--format", "-f", help="kohya (ComfyUI/A1111/Forge LoRA), diffusers, single-file, lora"
+    ),
+    out: Path | None = typer.Option(None, "--out", "-o", help="file (kohya, single-file) or folder (diffusers, lora)"),
+    dtype: str | None = typer.Option(None, "--dtype", help="fp16 | bf16 | fp32 (default: fp16 files, fp32 folders)"),
+    config: Path | None = typer.Option(None, "--config", help="training YAML, for a checkpoint without final/"),
+    method: str | None = typer.Option(None, "--method", help="method name when the run cannot tell (dpo vs npo)"),
+    push_to_hub: str | None = typer.Option(None, "--push-to-hub", help="Hub repo id to upload the export to"),
+    private: bool = typer.Option(False, "--private", help="create the Hub repo private"),
 ) -> None:
-    """Export a run for other runtimes: a kohya LoRA file or a complete diffusers pipeline folder with a model card."""
+    """Export a run for other runtimes: kohya LoRA, diffusers folder, single-file checkpoint; card; Hub upload."""
+    from diffalign.config import ConfigError
     from diffalign.export import export_run
 
-    written = export_run(run, fmt, out)
-    typer.echo(f"{fmt}: {written}")
+    if out is None and push_to_hub is None:
+        raise ConfigError("give `--out` (where the export goes) and/or `--push-to-hub REPO_ID`")
+    if push_to_hub and format in ("kohya", "single-file"):
+        raise ConfigError(f"`--push-to-hub` uploads a folder: use --format lora or diffusers, got {format!r}")
+    target = out or Path(run) / "hub"
+    path = export_run(run, format, target, dtype=dtype, config=config, method=method, repo_id=push_to_hub)
+    typer.echo(f"{format}: {path}")
     if push_to_hub:
-        from diffalign.export.card import push_to_hub as push
+        from diffalign.export.hub import push_to_hub as push
 
-        typer.echo(f"pushed: {push(written, push_to_hub, private=private)}")
+        typer.echo(f"uploaded: {push(path, push_to_hub, private=private)}")
 
 
 @app.command("env")
@@ -326,10 +339,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from diffalign.backbones import ModelNotFoundError
     from diffalign.config import ConfigError
     from diffalign.data import DataError
+    from diffalign.export.hub import HubError
     from diffalign.trainers import TrainingDivergedError
     from diffalign.trainers.distributed import LaunchError
 
-    return (ConfigError, ModelNotFoundError, DataError, TrainingDivergedError, FileNotFoundError, LaunchError)
+    return (
+        ConfigError, ModelNotFoundError, DataError, TrainingDivergedError, FileNotFoundError, LaunchError, HubError
+    )  # fmt: skip
 
 
 def main() -> None:

@@ -1,79 +1,82 @@
-"""Every format for other runtimes in one room: kohya LoRAs (ComfyUI, A1111/Forge), complete diffusers pipeline
-folders, model cards and hub upload. `diffalign export` is a thin CLI over `export_run`.
+"""Use a run's result everywhere: kohya LoRAs (ComfyUI, AUTOMATIC1111, Forge), diffusers pipeline folders,
+original-layout single-file checkpoints, model cards and Hub upload.
 
 >>> from diffalign.export import export_run
->>> export_run("runs/dpo", "kohya", "dpo_sd15.safetensors")        # one standalone file for ComfyUI / A1111
->>> export_run("runs/dpo", "diffusers", "dpo_sd15_pipeline/")      # LoRA fused into a full pipeline folder
+>>> export_run("runs/dpo", "kohya", "dpo_lora.safetensors")          # ComfyUI / A1111 / Forge LoRA
+>>> export_run("runs/dpo", "diffusers", "dpo_pipeline")              # LoRA fused; from_pretrained(folder)
+>>> export_run("runs/dpo", "single-file", "dpo.safetensors")         # checkpoints folder of any UI
 """
 
 from __future__ import annotations
 
-import json
+import shutil
 from pathlib import Path
 
-from diffalign.config import ConfigError
-from diffalign.export.runs import RunWeights, load_run
+from diffalign.export.runs import LORA_FILE, RunWeights, load_run
 
-FORMATS = ("kohya", "diffusers")
+FORMATS = ("kohya", "diffusers", "single-file", "lora")
+DEFAULT_DTYPE = {"kohya": "fp16", "single-file": "fp16", "diffusers": "fp32", "lora": "fp32"}
+"""kohya LoRAs and UI checkpoints are shared in fp16 (what the UIs load); pipeline folders keep full precision."""
 
 __all__ = ["FORMATS", "RunWeights", "export_run", "load_run", "publish_run"]
 
 
-def publish_run(final: str | Path, repo_id: str, private: bool = True) -> str:
-    """Write a model card into a run's `final/` (LoRA or full) and upload that folder to `repo_id`; the train
-    config's `push_to_hub` calls this. Returns the repo URL."""
-    from diffalign.backbones import detect_family
-    from diffalign.export.card import push_to_hub, write_model_card
+def export_run(
+    run: str | Path | RunWeights,
+    format: str,
+    out: str | Path,
+    dtype: str | None = None,
+    config: str | Path | None = None,
+    method: str | None = None,
+    repo_id: str | None = None,
+) -> Path:
+    """Export a run (folder, `final/`, `checkpoint-N/`, or a loaded `RunWeights`) as `format` into `out`.
 
-    weights = load_run(final)
-    base = _base_model(weights)
-    write_model_card(Path(final), weights, base, detect_family(base), repo_id=repo_id)
-    return push_to_hub(final, repo_id, private=private)
+    `kohya` and `single-file` write one `.safetensors` file; `diffusers` (complete pipeline) and `lora` (the diffusers
+    LoRA file alone) write a folder with a model card (`README.md`). Returns the written path.
+    """
+    from diffalign.config import ConfigError
+    from diffalign.export.card import write_card
+    from diffalign.export.checkpoint import export_diffusers, export_single_file, parse_dtype
+    from diffalign.export.kohya import export_kohya
+
+    if format not in FORMATS:
+        raise ConfigError(f"`--format` must be one of {list(FORMATS)}, got {format!r}")
+    weights = run if isinstance(run, RunWeights) else load_run(run, config=config, method=method)
+    torch_dtype = parse_dtype(dtype or DEFAULT_DTYPE[format])
+    if format == "kohya":
+        return export_kohya(weights, out, torch_dtype)
+    if format == "single-file":
+        return export_single_file(weights, out, torch_dtype)
+    out = Path(out)
+    if format == "diffusers":
+        export_diffusers(weights, out, torch_dtype)
+        write_card(weights, out, "diffusers", repo_id)
+        return out
+    if weights.lora is None or not (weights.source / LORA_FILE).is_file():
+        raise ConfigError(f"`--format lora` needs a LoRA run with final/{LORA_FILE}; '{weights.source}' has none")
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(weights.source / LORA_FILE, out / LORA_FILE)
+    files = {}
+    if weights.family in ("sd", "sdxl"):
+        kohya = export_kohya(weights, out / f"{out.name}_kohya.safetensors")
+        files["kohya"] = kohya.name
+    write_card(weights, out, "lora", repo_id, files)
+    return out
 
 
-def _base_model(weights: RunWeights) -> str:
-    from diffalign.backbones.base import resolve_model_path
+def publish_run(
+    run_dir: str | Path,
+    repo_id: str,
+    private: bool = False,
+    token: str | None = None,
+    out: str | Path | None = None,
+) -> str:
+    """Export a run for the Hub and upload it: a LoRA run as `--format lora` (diffusers file + kohya file + card), a
+    full fine-tune as `--format diffusers`. `out` defaults to `<run_dir>/hub`. Returns the repo URL."""
+    from diffalign.export.hub import push_to_hub
 
-    if "model" not in weights.config:
-        raise ConfigError(f"the run config of {str(weights.source)!r} names no `model`")
-    return resolve_model_path(weights.config["model"])
-
-
-def export_run(run: str | Path, fmt: str, out: str | Path, card: bool = True) -> Path:
-    """Write the run's result as `fmt` (`kohya`: one `.safetensors` file; `diffusers`: a pipeline folder with a
-    model card) to `out`; returns the written path."""
-    if fmt not in FORMATS:
-        raise ConfigError(f"`--format` must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    weights = load_run(run)
-    base = _base_model(weights)
-    from diffalign.backbones import detect_family
-
-    family = detect_family(base)
-    if fmt == "kohya":
-        return _export_kohya(weights, base, family, Path(out))
-    from diffalign.export.pipeline import export_pipeline
-
-    folder = export_pipeline(weights, base, Path(out))
-    if card:
-        from diffalign.export.card import write_model_card
-
-        write_model_card(folder, weights, base, family)
-    return folder
-
-
-def _export_kohya(weights: RunWeights, base: str, family: str, out: Path) -> Path:
-    from diffalign.export.kohya import kohya_metadata, kohya_state_dict, save_kohya
-
-    if not weights.lora:
-        raise ConfigError(
-            f"{str(weights.source)!r} is a full fine-tune, not a LoRA: export it with `--format diffusers`"
-        )
-    if family not in ("sd", "sdxl"):
-        raise ConfigError(f"kohya export is for SD1.x/SD2.x and SDXL; {family} LoRAs already load as diffusers files")
-    unet_config = json.loads((Path(base) / "unet" / "config.json").read_text())
-    try:
-        state = kohya_state_dict(family, weights.lora, weights.lora_alpha, unet_config)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    meta = kohya_metadata(family, weights.lora_rank, weights.lora_alpha, weights.config, out.stem)
-    return save_kohya(out, state, meta)
+    weights = load_run(run_dir)
+    folder = Path(out) if out else weights.run_dir / "hub"
+    export_run(weights, "lora" if weights.lora else "diffusers", folder, repo_id=repo_id)
+    return push_to_hub(folder, repo_id, private=private, token=token)

@@ -1,4 +1,4 @@
-"""Model cards (huggingface_hub's `ModelCard`) and hub upload for exported runs."""
+"""Model card (`README.md`) for an exported run, written with huggingface_hub's `ModelCard` / `ModelCardData`."""
 
 from __future__ import annotations
 
@@ -7,102 +7,91 @@ from pathlib import Path
 
 from diffalign.export.runs import RunWeights
 
-CARD_TEMPLATE = """---
-{card_data}
----
-
-# {title}
-
-Fine-tuned with [diffalign](https://pypi.org/project/diffalign/) using **{method}** from `{base}`.
-
-| key | value |
-|---|---|
-{table}
-{eval_table}
-## Use with diffusers
-
-```python
-import torch
-from diffusers import DiffusionPipeline
-
-{load}
-image = pipe("a photo of a cat", num_inference_steps=30).images[0]
-```
-
-## Use in ComfyUI / AUTOMATIC1111 / Forge
-
-For a single LoRA file those tools load, export the run with
-`diffalign export RUN --format kohya --out {slug}.safetensors` and put it in `models/loras/`
-(ComfyUI: a *LoraLoader* node; A1111/Forge: `<lora:{slug}:1>` in the prompt).
-"""
-
-KEYS = ("beta", "learning_rate", "lora_rank", "lora_alpha", "batch_size", "gradient_accumulation_steps",
-        "max_steps", "resolution", "mixed_precision", "data", "seed")  # fmt: skip
+PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}
+HYPERPARAMETERS = ("beta", "lora_rank", "lora_alpha", "learning_rate", "batch_size", "gradient_accumulation_steps",
+                   "max_steps", "resolution", "mixed_precision", "seed")  # fmt: skip
 
 
-def write_model_card(folder: Path, weights: RunWeights, base: str, family: str, repo_id: str | None = None) -> Path:
-    """`folder/README.md`: method, base model, data, key hyper-parameters, the eval table when the run has a
-    `results.json`, and usage snippets for diffusers and ComfyUI/A1111."""
+def build_card(run: RunWeights, kind: str, repo_id: str | None = None, files: dict[str, str] | None = None):
+    """A `ModelCard` for `run` exported as `kind` (`"diffusers"`, `"lora"`): metadata (base model, tags, library),
+    method, data, hyperparameters, the eval table from `results.json` when the run has one, and usage for diffusers,
+    ComfyUI and AUTOMATIC1111/Forge. `files` names extra exported files (e.g. `{"kohya": "x.safetensors"}`)."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    cfg = weights.config
     data = ModelCardData(
+        base_model=run.base if "/" in run.base and not Path(run.base).exists() else None,
         library_name="diffusers",
-        base_model=str(cfg.get("model", base)),
-        tags=["diffalign", f"diffusion-{weights.method}", family, "text-to-image"],
+        tags=["diffalign", run.method or "preference-alignment", run.family, "text-to-image"]
+        + (["lora"] if run.lora else []),
         pipeline_tag="text-to-image",
     )
-    table = "\n".join(f"| {k} | {cfg[k]} |" for k in KEYS if cfg.get(k) is not None)
-    slug = (repo_id or folder.name).split("/")[-1]
-    card = ModelCard(
-        CARD_TEMPLATE.format(
-            card_data=data.to_yaml(),
-            title=slug,
-            method=weights.method,
-            base=cfg.get("model", base),
-            table=f"| method | {weights.method} |\n{table}",
-            eval_table=_eval_table(weights),
-            slug=slug,
-            load=_load_snippet(weights, repo_id or str(folder), cfg.get("model", base)),
-        )  # fmt: skip
-    )
-    path = folder / "README.md"
-    card.save(str(path))
-    return path
+    sections = [
+        f"# {repo_id or run.run_dir.name}\n",
+        f"Fine-tuned with diffalign — method **{run.method or 'unknown'}**"
+        f"{' (negative adapter δ)' if run.is_negative else ''}, from base model `{run.base}`"
+        f" ({run.family}), {run.step if run.step is not None else '?'} optimizer steps.\n",
+        f"Training data: `{run.config.get('data', '?')}`.\n",
+        "## Hyperparameters\n\n| key | value |\n|---|---|\n"
+        + "\n".join(f"| {k} | {run.config[k]} |" for k in HYPERPARAMETERS if run.config.get(k) is not None)
+        + "\n",
+        _eval_table(run),
+        _usage(run, kind, repo_id, files or {}),
+    ]
+    content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(s for s in sections if s)
+    return ModelCard(content)
 
 
-def _load_snippet(weights: RunWeights, repo: str, base: str) -> str:
-    if weights.lora and weights.full_denoiser is None and not (Path(repo) / "model_index.json").is_file():
-        return (f'pipe = DiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")\n'
-                f'pipe.load_lora_weights("{repo}")')  # fmt: skip
-    return f'pipe = DiffusionPipeline.from_pretrained("{repo}", torch_dtype=torch.float16).to("cuda")'
-
-
-def _eval_table(weights: RunWeights) -> str:
-    """Win rates from a `results.json` next to the run (written by `diffalign eval` / the demo), if any."""
-    for candidate in (weights.source / "results.json", weights.source.parent / "results.json"):
-        if candidate.is_file():
-            results = json.loads(candidate.read_text())
-            rows = [f"| {cmp} | {reward} | {v['win_rate']:.3f} | {v.get('n', '')} |"
-                    for cmp, per in results.get("win_rates", {}).items() for reward, v in per.items()]  # fmt: skip
-            if rows:
-                return "\n## Evaluation\n\n| comparison | reward | win rate | n |\n|---|---|---|---|\n" + "\n".join(
-                    rows
-                )
+def _eval_table(run: RunWeights) -> str:
+    for path in (run.run_dir / "results.json", run.run_dir / "eval" / "results.json", run.source / "results.json"):
+        if path.is_file():
+            results = json.loads(path.read_text())
+            rows = [
+                f"| {model} | {reward} | {s.get('mean', float('nan')):.4g} | {s.get('std', float('nan')):.2g} |"
+                for model, per_reward in results.get("models", {}).items()
+                for reward, s in per_reward.items()
+            ]
+            return "## Evaluation\n\n| model | reward | mean | std |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"
     return ""
 
 
-def push_to_hub(folder: str | Path, repo_id: str, private: bool = True, token: str | None = None) -> str:
-    """Create `repo_id` (if needed) and upload `folder` with huggingface_hub's API; returns the repo URL. Offline
-    (`HF_HUB_OFFLINE=1`) it fails at once with one line instead of hanging."""
-    from huggingface_hub import HfApi
+def _usage(run: RunWeights, kind: str, repo_id: str | None, files: dict[str, str]) -> str:
+    where = repo_id or "PATH/TO/THIS/FOLDER"
+    pipeline = PIPELINES[run.family]
+    if kind == "diffusers":
+        code = f'pipe = {pipeline}.from_pretrained("{where}")'
+    elif run.is_negative:
+        code = (
+            f'pipe = {pipeline}.from_pretrained("{run.base}")\n'
+            "from diffalign.guidance import attach_negative_adapter\n"
+            f'attach_negative_adapter(pipe, "{where}", beta=1.0)  # δ only in the unconditional CFG branch'
+        )
+    else:
+        code = f'pipe = {pipeline}.from_pretrained("{run.base}")\npipe.load_lora_weights("{where}")'
+    text = (
+        "## Usage\n\n### diffusers\n\n```python\nimport torch\n"
+        f"from diffusers import {pipeline}\n\n{code}\n"
+        'image = pipe("a photo of a cat", guidance_scale=7.5).images[0]\n```\n'
+    )
+    if "kohya" in files:
+        text += (
+            f"\n### ComfyUI / AUTOMATIC1111 / Forge\n\n`{files['kohya']}` is a kohya-format LoRA: put it in "
+            "`ComfyUI/models/loras` (LoraLoader node) or `stable-diffusion-webui/models/Lora` "
+            f"(prompt `<lora:{Path(files['kohya']).stem}:1>`).\n"
+        )
+    if "single-file" in files:
+        text += (
+            f"\n### Single file\n\n`{files['single-file']}` is an original-layout checkpoint (checkpoints folder).\n"
+        )
+    if run.is_negative:
+        text += (
+            "\n**This is a negative adapter (NPO / Self-NPO)**: it belongs in the unconditional branch of "
+            "classifier-free guidance only; loading it as an ordinary LoRA applies it to both branches.\n"
+        )
+    return text
 
-    from diffalign.backbones.base import hub_offline
-    from diffalign.config import ConfigError
 
-    if hub_offline():
-        raise ConfigError(f"cannot push to the Hub repo {repo_id!r}: HF_HUB_OFFLINE is set (the folder is {folder})")
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="diffalign export")
-    return f"https://huggingface.co/{repo_id}"
+def write_card(run: RunWeights, folder: str | Path, kind: str, repo_id: str | None = None, files=None) -> Path:
+    """Write `README.md` into `folder`; returns its path."""
+    path = Path(folder) / "README.md"
+    build_card(run, kind, repo_id, files).save(path)
+    return path

@@ -1,115 +1,135 @@
-"""kohya-style LoRA files: the single `.safetensors` that ComfyUI, AUTOMATIC1111 and Forge load for SD1.x and SDXL.
+"""LoRA in kohya sd-scripts format: one `.safetensors` that ComfyUI, AUTOMATIC1111 and Forge load for SD1.x and SDXL.
 
-Key rules (read from kohya sd-scripts `networks/lora.py`, ComfyUI `comfy/lora.py` + `comfy/utils.py`
-`unet_to_diffusers`, A1111 `extensions-builtin/Lora/networks.py`):
+Format (kohya sd-scripts `networks/lora.py`): per adapted module `<name>.lora_down.weight` (A, `[r, in]`),
+`<name>.lora_up.weight` (B, `[out, r]`) and a scalar `<name>.alpha`; runtimes apply ΔW = (alpha / r) · B A, so
+`alpha` is the run's real `lora_alpha` (peft's scale α / r), never the rank. Module names are `lora_unet_…`,
+`lora_te_…` (SD1.x text encoder) or `lora_te1_…`/`lora_te2_…` (SDXL), followed by the module path with `.` → `_`:
 
-- a module's LoRA is `<name>.lora_down.weight` [r, in], `<name>.lora_up.weight` [out, r] and `<name>.alpha` (a
-  0-d tensor); the applied update is `up @ down · alpha / r` — so `alpha` is the adapter's real `lora_alpha` (peft's
-  scale is `lora_alpha / r`), not the rank;
-- `<name>` is the module path with `.` → `_` behind a prefix: `lora_unet_` for the UNet, `lora_te_` for SD1.x's
-  text encoder, `lora_te1_` / `lora_te2_` for SDXL's two;
-- SD1.x UNet modules keep diffusers' names (`lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q`,
-  kohya trains SD1 on the diffusers UNet); SDXL UNet modules take the original SGM layout's names
-  (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`, kohya trains SDXL on the SGM UNet, and A1111/Forge
-  match SDXL keys against that layout). `SGM_BLOCKS` computes that renaming from the UNet config.
+- SD1.x/2.x UNet: kohya's own (diffusers-like) module paths, `lora_unet_down_blocks_0_attentions_0_…`. ComfyUI maps
+  them through `comfy.utils.unet_to_diffusers`, AUTOMATIC1111 through `convert_diffusers_name_to_compvis`.
+- SDXL UNet: kohya trains SDXL on the SGM layout, so its names are `lora_unet_input_blocks_4_1_transformer_blocks_0_…`.
+  ComfyUI accepts `lora_unet_` + any SGM weight name; AUTOMATIC1111 replaces `lora_unet` by `diffusion_model`.
+- Text encoders: transformers CLIP paths, `lora_te_text_model_encoder_layers_0_self_attn_q_proj`.
+
+diffusers reads both namings back (`load_lora_weights` converts kohya/SGM names), which the tests use to check that a
+kohya file gives the same images as the native diffusers file.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
 
-PREFIXES = {
-    ("sd", "unet"): "lora_unet",
-    ("sd", "text_encoder"): "lora_te",
-    ("sdxl", "unet"): "lora_unet",
-    ("sdxl", "text_encoder"): "lora_te1",
-    ("sdxl", "text_encoder_2"): "lora_te2",
+from diffalign.config import ConfigError
+from diffalign.export.keymaps import hf_clip_keys, kohya_module_name, unet_block_table, unet_name_to_sgm
+from diffalign.export.runs import RunWeights
+
+KOHYA_PREFIXES = {
+    "sd": {"unet": "lora_unet", "text_encoder": "lora_te"},
+    "sdxl": {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
 }
 BASE_MODEL_VERSION = {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0"}
+ARCHITECTURE = {"sd": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
 
 
-def sgm_block_map(unet_config: dict) -> dict[str, str]:
-    """diffusers attention-block paths → SGM (original SDXL) paths, from the UNet config.
-
-    With `L = layers_per_block`: `down_blocks.i.attentions.j` → `input_blocks.{1 + i·(L+1) + j}.1`,
-    `mid_block.attentions.0` → `middle_block.1`, `up_blocks.i.attentions.j` → `output_blocks.{i·(L+1) + j}.1`
-    (input block 0 is `conv_in`; each down level ends with a downsampler block, each up level has L+1 layers).
-    """
-    lpb = unet_config["layers_per_block"]
-    lpb = lpb if isinstance(lpb, int) else lpb[0]
-    levels = len(unet_config["block_out_channels"])
-    table = {"mid_block.attentions.0": "middle_block.1"}
-    for i in range(levels):
-        for j in range(lpb):
-            table[f"down_blocks.{i}.attentions.{j}"] = f"input_blocks.{1 + i * (lpb + 1) + j}.1"
-        for j in range(lpb + 1):
-            table[f"up_blocks.{i}.attentions.{j}"] = f"output_blocks.{i * (lpb + 1) + j}.1"
-    return table
-
-
-_ATTN_BLOCK = re.compile(r"^((?:down_blocks|up_blocks)\.\d+\.attentions\.\d+|mid_block\.attentions\.0)\.(.+)$")
-
-
-def module_name(family: str, component: str, module: str, sgm: dict[str, str] | None = None) -> str:
-    """The kohya name of a diffusers module path (`down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`)."""
-    prefix = PREFIXES.get((family, component))
-    if prefix is None:
-        raise ValueError(
-            f"kohya export supports SD1.x/SD2.x and SDXL UNet/text-encoder LoRAs, got {family}/{component}"
+def kohya_names(run: RunWeights) -> dict[str, str]:
+    """`{diffusers module (with component): kohya module name}` for every LoRA module of `run`."""
+    if run.lora is None:
+        raise ConfigError(f"`--format kohya` needs a LoRA run; '{run.source}' is a full fine-tune: use --format "
+                          "single-file or diffusers")  # fmt: skip
+    if run.family not in KOHYA_PREFIXES:
+        raise ConfigError(
+            f"`--format kohya` supports SD1.x/2.x and SDXL, got a {run.family!r} run; SD3 LoRAs in diffusers format "
+            "already load in ComfyUI/Forge: use --format lora"
         )
-    if family == "sdxl" and component == "unet":
-        match = _ATTN_BLOCK.match(module)
-        if match is None or match.group(1) not in (sgm or {}):
-            raise ValueError(
-                f"module {module!r} is outside the UNet's attention blocks, the only part of the SDXL kohya layout "
-                "mapped here (train with the default `lora_target_modules`)"
-            )
-        module = f"{sgm[match.group(1)]}.{match.group(2)}"
-    return f"{prefix}_{module.replace('.', '_')}"
+    return module_names(run.family, list(run.lora), _unet_config(run.base) if run.family == "sdxl" else None)
 
 
-def kohya_state_dict(
-    family: str, lora: dict[str, dict[str, tuple]], alpha: float, unet_config: dict
-) -> dict[str, torch.Tensor]:
-    """`lora[component][module] = (down, up)` → kohya keys, every module with its `alpha`."""
-    sgm = sgm_block_map(unet_config) if family == "sdxl" else None
-    out: dict[str, torch.Tensor] = {}
-    for component, modules in lora.items():
-        for module, (down, up) in sorted(modules.items()):
-            name = module_name(family, component, module, sgm)
-            out[f"{name}.lora_down.weight"] = down.contiguous()
-            out[f"{name}.lora_up.weight"] = up.contiguous()
-            out[f"{name}.alpha"] = torch.tensor(float(alpha))
+def module_names(family: str, modules: list[str], unet_config: dict | None = None) -> dict[str, str]:
+    """`{diffusers module: kohya name}` for `family` (`"sd"` or `"sdxl"`); SDXL needs the UNet config (its block
+    layout decides the SGM numbering)."""
+    prefixes = KOHYA_PREFIXES[family]
+    table = unet_block_table(unet_config) if family == "sdxl" else None
+    names = {}
+    for module in modules:
+        component, path = module.split(".", 1)
+        if component not in prefixes:
+            raise ConfigError(f"LoRA module {module!r} belongs to {component!r}, which kohya files cannot name")
+        if component == "unet":
+            path = unet_name_to_sgm(path, table) if table is not None else path
+        else:
+            path = next(iter(hf_clip_keys({path: None})))
+        names[module] = kohya_module_name(prefixes[component], path)
+    return names
+
+
+def _unet_config(base: str) -> dict:
+    from diffusers import UNet2DConditionModel
+
+    return dict(UNet2DConditionModel.load_config(base, subfolder="unet"))
+
+
+def to_kohya(run: RunWeights, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """The kohya state dict of `run`'s LoRA: `lora_down`, `lora_up` and `alpha` (= `lora_alpha`) per module."""
+    names = kohya_names(run)
+    alpha = torch.tensor(float(run.lora_alpha), dtype=dtype)
+    out = {}
+    for module, name in names.items():
+        down, up = run.lora[module]
+        out[f"{name}.lora_down.weight"] = down.to(dtype).contiguous()
+        out[f"{name}.lora_up.weight"] = up.to(dtype).contiguous()
+        out[f"{name}.alpha"] = alpha.clone()
     return out
 
 
-def kohya_metadata(family: str, rank: int, alpha: float, config: dict, output_name: str) -> dict[str, str]:
-    """`ss_*` metadata as kohya writes it (strings), plus diffalign's own training facts."""
+def kohya_metadata(run: RunWeights, output_name: str) -> dict[str, str]:
+    """`ss_*` (kohya sd-scripts) and `modelspec.*` (Stability's model spec) metadata, as the runtimes' LoRA browsers
+    read it, plus the training facts (`ss_training_method`, `ss_beta`, `ss_steps`, ...)."""
+    cfg = run.config
     meta = {
         "ss_network_module": "networks.lora",
-        "ss_network_dim": str(rank),
-        "ss_network_alpha": str(alpha),
-        "ss_base_model_version": BASE_MODEL_VERSION[family],
+        "ss_network_dim": str(run.lora_rank),
+        "ss_network_alpha": _num(run.lora_alpha),
+        "ss_base_model_version": BASE_MODEL_VERSION[run.family],
+        "ss_sd_model_name": Path(run.base).name,
         "ss_output_name": output_name,
-        "ss_sd_model_name": str(config.get("model", "")),
-        "ss_resolution": f"({config.get('resolution')}, {config.get('resolution')})",
-        "ss_learning_rate": str(config.get("learning_rate")),
-        "ss_max_train_steps": str(config.get("max_steps")),
-        "ss_training_comment": f"diffalign {config.get('method', '')} (beta {config.get('beta')})".strip(),
+        "ss_v2": "False",
+        "ss_training_method": run.method or "unknown",
+        "ss_beta": _num(cfg.get("beta")),
+        "ss_steps": str(run.step if run.step is not None else cfg.get("max_steps", "")),
+        "ss_max_train_steps": str(cfg.get("max_steps", "")),
+        "ss_learning_rate": _num(cfg.get("learning_rate")),
+        "ss_resolution": str(cfg.get("resolution", "")),
+        "ss_seed": str(cfg.get("seed", "")),
+        "ss_mixed_precision": str(cfg.get("mixed_precision", "")),
+        "ss_training_comment": _comment(run),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": ARCHITECTURE[run.family],
+        "modelspec.title": output_name,
+        "diffalign_negative_adapter": str(run.is_negative),
     }
-    for key in ("method", "beta", "batch_size", "gradient_accumulation_steps", "seed"):
-        if config.get(key) is not None:
-            meta[f"diffalign_{key}"] = str(config[key])
-    return meta
+    return {k: v for k, v in meta.items() if v not in ("", "None")}
 
 
-def save_kohya(path: str | Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+def _num(value) -> str:
+    return "" if value is None else f"{float(value):g}"
+
+
+def _comment(run: RunWeights) -> str:
+    text = f"diffalign {run.method or 'run'} (beta {_num(run.config.get('beta'))})"
+    if run.is_negative:
+        text += "; NEGATIVE adapter: apply it to the unconditional/negative CFG branch only, not as a normal LoRA"
+    return text
+
+
+def export_kohya(run: RunWeights, out: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+    """Write `run`'s LoRA as one kohya-format `.safetensors` file with `ss_*` metadata; returns its path."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata=metadata)
-    return path
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"`--out` must be a .safetensors file for --format kohya, got '{out}'")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(to_kohya(run, dtype), str(out), metadata=kohya_metadata(run, out.stem))
+    return out

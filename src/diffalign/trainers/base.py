@@ -487,7 +487,7 @@ class Trainer(ABC):
             if self.config.push_to_hub:
                 from diffalign.export import publish_run
 
-                logger.info("pushed %s", publish_run(final, self.config.hub_model_id))
+                logger.info("pushed %s", publish_run(self.output_dir, self.config.hub_model_id))
             logger.info("saved %s", final)
         return final
 
