@@ -99,3 +99,19 @@ def test_flag_values_no_and_off_stay_strings_for_string_keys():
     DPOConfig = get_trainer("dpo").config_class
     cfg = load_config(DPOConfig, None, "--model m --data d --mixed_precision no --random_flip off".split())
     assert cfg.mixed_precision == "no" and cfg.random_flip is False
+
+
+def test_missing_optional_packages_are_one_line_hints(monkeypatch, tmp_path):
+    import sys
+
+    from diffalign.optional import MissingDependencyError
+    from diffalign.rewards import create
+
+    monkeypatch.setitem(sys.modules, "open_clip", None)
+    with pytest.raises(MissingDependencyError, match=r"needs `open_clip`, which is not installed: pip install 'diffa"):
+        create("hps", checkpoint=str(tmp_path / "HPS_v2.1_compressed.pt"))
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    DPOConfig = get_trainer("dpo").config_class
+    cfg = load_config(DPOConfig, None, ["--model", "toy", "--data", "x", "--report_to", "tensorboard"])
+    with pytest.raises(MissingDependencyError, match=r"`report_to: tensorboard` needs .* 'diffalign\[tensorboard\]'"):
+        get_trainer("dpo")(cfg).setup()

@@ -340,11 +340,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from diffalign.config import ConfigError
     from diffalign.data import DataError
     from diffalign.export.hub import HubError
+    from diffalign.optional import MissingDependencyError
     from diffalign.trainers import TrainingDivergedError
     from diffalign.trainers.distributed import LaunchError
 
     return (
-        ConfigError, ModelNotFoundError, DataError, TrainingDivergedError, FileNotFoundError, LaunchError, HubError
+        ConfigError, ModelNotFoundError, DataError, TrainingDivergedError, FileNotFoundError, LaunchError, HubError,
+        MissingDependencyError,
     )  # fmt: skip
 
 

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from diffalign.optional import require
+
 from .base import MissingWeightsError, check_local_path, looks_like_path, unsafe_pickle_error, warn_unsafe_pickle
 
 logger = logging.getLogger(__name__)
@@ -76,7 +78,7 @@ class OpenClipEncoder:
         missing_hint: str = "pass `pretrained=/path/to/weights`",
         allow_unsafe_pickle: bool = False,
     ) -> None:
-        import open_clip
+        open_clip = require("open_clip", "an open_clip reward (hps, aesthetic, clip)")
 
         model_name = register_open_clip_config(model_name)
         self.model = _create_open_clip(model_name, pretrained, missing_hint, allow_unsafe_pickle)
@@ -105,7 +107,7 @@ def register_open_clip_config(model_name: str) -> str:
     """A `.json` path is registered with open_clip (`add_model_config`) and replaced by its stem."""
     if not model_name.endswith(".json"):
         return model_name
-    import open_clip
+    open_clip = require("open_clip", "an open_clip reward (hps, aesthetic, clip)")
 
     path = check_local_path(model_name, "open_clip model config", "pass `model_name` as a built-in or a .json file")
     cfg = json.loads(path.read_text())
@@ -116,7 +118,7 @@ def register_open_clip_config(model_name: str) -> str:
 
 def _create_open_clip(model_name: str, pretrained: str | None, missing_hint: str, allow_unsafe_pickle: bool):
     """open_clip's own loader (`torch.load(weights_only=True)`, `"state_dict"` unwrapping, strict key check)."""
-    import open_clip
+    open_clip = require("open_clip", "an open_clip reward (hps, aesthetic, clip)")
 
     if model_name not in open_clip.list_models():
         raise ValueError(f"`model_name` {model_name!r} is not an open_clip architecture; see open_clip.list_models()")

@@ -28,6 +28,7 @@ from diffalign.backbones.attention import apply_attention, resolve_attention
 from diffalign.config import TrainConfig
 from diffalign.data import collate
 from diffalign.objectives import per_sample_error
+from diffalign.optional import require
 from diffalign.trainers import checkpoint as ckpt
 from diffalign.trainers.callbacks import Callback, EMACallback, HeldOutLossCallback, ValidationCallback
 from diffalign.trainers.distributed import OutputDirLock, check_world_size, describe_launch
@@ -184,6 +185,8 @@ class Trainer(ABC):
             log_with=None if cfg.report_to == "none" else cfg.report_to,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir)),
         )
+        if cfg.report_to != "none":
+            require(cfg.report_to, f"`report_to: {cfg.report_to}`")
         check_world_size(self.accelerator)
         if cfg.push_to_hub:
             _check_hub_target(cfg)
