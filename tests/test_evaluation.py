@@ -349,7 +349,7 @@ def test_run_eval_end_to_end(tiny_pipeline_dir, tiny_lora_dir, brightness_reward
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["models"] == results["models"] and on_disk["win_rates"] == results["win_rates"]
     with Image.open(out / "grid.png") as grid:
-        assert grid.size == (220 + 3 * 128, 24 + 3 * 128)
+        assert grid.size == (220 + 3 * 128, 24 + 3 * (128 + 14))  # rows of 128-px tiles, each with a caption strip
     assert "| model | test_brightness |" in (out / "report.md").read_text()
 
     # resume: nothing to generate, so no pipeline is loaded; same numbers

@@ -50,3 +50,13 @@ def test_train_push_to_hub_uploads_a_complete_folder_with_a_card(tiny_sd_path, t
     assert {"README.md", "pytorch_lora_weights.safetensors"} <= set(calls["files"])
     card = (tmp_path / "run" / "hub" / "README.md").read_text()
     assert "me/dpo-tiny" in card and "dpo" in card
+
+
+def test_the_method_of_a_finished_run_is_known_without_checkpoints(tiny_sd_path, tmp_path):
+    """DPO and NPO configs have the same keys: `final/run.json` says which one made the weights."""
+    from diffalign.export import load_run
+
+    data = scale_cases.write_data(tmp_path / "data")
+    scale_cases.run("npo", tiny_sd_path, data["npo"], tmp_path / "npo", 2, 1, checkpointing_steps=0)
+    assert not list((tmp_path / "npo").glob("checkpoint-*"))
+    assert load_run(tmp_path / "npo").method == "npo"

@@ -143,6 +143,9 @@ def _method(cfg: dict, run_dir: Path, state: dict) -> str | None:
     """The method from the config (`method`), a checkpoint's trainer state, or the config's unique key set."""
     if cfg.get("method") or state.get("method"):
         return cfg.get("method") or state["method"]
+    run_facts = run_dir / "final" / "run.json"  # written by every finished run
+    if run_facts.is_file():
+        return json.loads(run_facts.read_text()).get("method")
     for ckpt in sorted(run_dir.glob("checkpoint-*/" + STATE_FILE)):
         return json.loads(ckpt.read_text()).get("method")
     import importlib
