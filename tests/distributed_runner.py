@@ -17,8 +17,30 @@ import scale_cases  # noqa: E402
 torch.set_num_threads(1)
 
 
+def count_vae_calls(root: Path) -> None:
+    """Each rank records how many images its VAE encoded while the latent cache was built."""
+    import os
+
+    from diffalign.backbones.base import PipelineBackbone
+
+    original = PipelineBackbone.encode_images
+    calls = {"images": 0}
+
+    def counting(self, pixels):
+        calls["images"] += len(pixels)
+        return original(self, pixels)
+
+    PipelineBackbone.encode_images = counting
+    rank = os.environ.get("RANK", "0")
+    return lambda: (root / f"vae-images-rank{rank}.txt").write_text(str(calls["images"]))
+
+
 def main(root: Path, model: str) -> None:
     data = scale_cases.write_data(root / "data")
+    # the latent cache is built once: the main process encodes, the other one reads (cache_latents)
+    write_count = count_vae_calls(root)
+    scale_cases.run("dpo", model, data["dpo"], root / "cached", 2, 1, cache_latents=True, max_steps=1)
+    write_count()
     for method in scale_cases.METHODS:
         scale_cases.run(method, model, data[method], root / f"{method}-2x2", batch_size=2, ga=1)
     dpo = data["dpo"]

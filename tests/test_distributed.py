@@ -46,6 +46,12 @@ def test_two_processes_equal_one_process(method, two_process_runs, tiny_sd_path,
     assert scale_cases.max_relative_difference(one, two) <= scale_cases.REL_TOL
 
 
+def test_latent_cache_is_encoded_by_the_main_process_only(two_process_runs):
+    rank0 = int((two_process_runs / "vae-images-rank0.txt").read_text())
+    rank1 = int((two_process_runs / "vae-images-rank1.txt").read_text())
+    assert rank0 == 6 and rank1 == 0  # the 8 pairs hold 6 distinct images (content-hashed), encoded once
+
+
 def test_checkpoint_every_step_stress_and_state(two_process_runs):
     stress = two_process_runs / "stress"
     assert [r["step"] for r in read_metrics(stress)] == [1, 2, 3, 4, 5, 6]
@@ -170,3 +176,29 @@ def test_shipped_accelerate_configs_parse_with_accelerate(name, kind):
 
 def test_slurm_script_is_valid_bash():
     assert subprocess.run(["bash", "-n", str(TESTS.parent / "scripts" / "slurm_train.sh")]).returncode == 0
+
+
+def test_a_requested_engine_that_did_not_start_is_refused():
+    from diffalign.trainers.distributed import check_engine
+
+    with pytest.raises(LaunchError, match=r"asked for FSDP .* but the Accelerator runs MULTI_CPU"):
+        check_engine("MULTI_CPU", lora=False, environ={"ACCELERATE_USE_FSDP": "true"})
+    with pytest.raises(LaunchError, match=r"asked for DEEPSPEED"):
+        check_engine("MULTI_GPU", lora=False, environ={"ACCELERATE_USE_DEEPSPEED": "true"})
+    with pytest.raises(LaunchError, match="LoRA runs do not shard"):
+        check_engine("FSDP", lora=True, environ={"ACCELERATE_USE_FSDP": "true"})
+    check_engine("FSDP", lora=False, environ={"ACCELERATE_USE_FSDP": "true"})
+    check_engine("MULTI_GPU", lora=True, environ={})
+
+
+def test_a_gathered_state_dict_is_written_as_a_stock_diffusers_folder(tiny_sd_path, tmp_path):
+    """What `final/` gets under FSDP / ZeRO-3 (the full state dict gathered from every rank)."""
+    from diffusers import UNet2DConditionModel
+
+    data = scale_cases.write_data(tmp_path / "data")
+    trainer = DPOTrainer(scale_cases.config("dpo", tiny_sd_path, data["dpo"], tmp_path / "out", 2, 1, lora_rank=0))
+    trainer.setup()
+    state = {k: v + 1.0 for k, v in trainer.denoiser.state_dict().items()}  # not the base weights
+    folder = trainer._save_gathered(tmp_path / "final", state)
+    loaded = UNet2DConditionModel.from_pretrained(folder)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())

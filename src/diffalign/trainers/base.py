@@ -31,7 +31,13 @@ from diffalign.objectives import per_sample_error
 from diffalign.optional import require
 from diffalign.trainers import checkpoint as ckpt
 from diffalign.trainers.callbacks import Callback, EMACallback, HeldOutLossCallback, ValidationCallback
-from diffalign.trainers.distributed import OutputDirLock, check_world_size, describe_launch
+from diffalign.trainers.distributed import (
+    OutputDirLock,
+    check_engine,
+    check_world_size,
+    describe_launch,
+    engine_name,
+)
 from diffalign.trainers.hardware import FROZEN_DTYPES, build_optimizer, resolve_mixed_precision, resolve_optimizer
 from diffalign.trainers.sampling import StepBatchSampler, sample_generators, stream_positions
 from diffalign.trainers.tracking import init_trackers
@@ -188,6 +194,9 @@ class Trainer(ABC):
         if cfg.report_to != "none":
             require(cfg.report_to, f"`report_to: {cfg.report_to}`")
         check_world_size(self.accelerator)
+        self.distributed_type = engine_name(self.accelerator.distributed_type)
+        check_engine(self.distributed_type, lora=cfg.lora_rank > 0)
+        self._sharded = self.distributed_type in ("FSDP", "DEEPSPEED")
         if cfg.push_to_hub:
             _check_hub_target(cfg)
         set_seed(cfg.seed)
@@ -229,6 +238,8 @@ class Trainer(ABC):
         scheduler = get_scheduler(
             cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * n, num_training_steps=cfg.max_steps * n
         )
+        if self.distributed_type == "DEEPSPEED":  # no DataLoader goes through prepare(): tell DeepSpeed the batch
+            self.accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
         self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.denoiser, optimizer, scheduler)
         self._register_checkpoint_hooks()
         if cfg.ema_decay:
@@ -478,10 +489,14 @@ class Trainer(ABC):
         acc = self.accelerator
         acc.wait_for_everyone()
         final = self.output_dir / "final"
+        # FSDP / ZeRO-3 hold shards: every rank takes part in gathering the full state dict, the main process writes
+        gathered = acc.get_state_dict(self.model) if self._sharded else None
         if acc.is_main_process:
             final.mkdir(parents=True, exist_ok=True)
             with self._final_weights():
-                if self.config.lora_rank > 0:
+                if gathered is not None:
+                    self._save_gathered(final, gathered)
+                elif self.config.lora_rank > 0:
                     self.backbone.save_lora(final, denoiser=acc.unwrap_model(self.model))
                 else:
                     self.backbone.save_full(final, denoiser=acc.unwrap_model(self.model))
@@ -493,6 +508,18 @@ class Trainer(ABC):
                 logger.info("pushed %s", publish_run(self.output_dir, self.config.hub_model_id))
             logger.info("saved %s", final)
         return final
+
+    def _save_gathered(self, final: Path, state: dict[str, torch.Tensor]) -> Path:
+        """A gathered full state dict as a stock diffusers model folder (`config.json` + safetensors shards named as
+        `save_pretrained` names them), so `UNet2DConditionModel.from_pretrained(final / "unet")` loads it."""
+        from huggingface_hub import save_torch_state_dict
+
+        folder = final / self.backbone.denoiser_subfolder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.accelerator.unwrap_model(self.model).save_config(folder)
+        state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        save_torch_state_dict(state, folder, filename_pattern="diffusion_pytorch_model{suffix}.safetensors")
+        return folder
 
     @contextmanager
     def _final_weights(self):

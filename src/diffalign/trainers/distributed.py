@@ -41,6 +41,40 @@ def check_world_size(accelerator) -> None:
         )
 
 
+# accelerate launch exports these for the engine chosen in the accelerate config (or --use_fsdp / --use_deepspeed)
+ENGINE_ENV = {"FSDP": "ACCELERATE_USE_FSDP", "DEEPSPEED": "ACCELERATE_USE_DEEPSPEED"}
+
+
+def engine_name(distributed_type) -> str:
+    """`DistributedType.MULTI_GPU` → `"MULTI_GPU"` (the enum or its string)."""
+    return str(getattr(distributed_type, "value", distributed_type)).upper()
+
+
+def requested_engine(environ: dict[str, str] | None = None) -> str | None:
+    """`"FSDP"` or `"DEEPSPEED"` when `accelerate launch` was asked for that engine, else None."""
+    env = os.environ if environ is None else environ
+    for name, var in ENGINE_ENV.items():
+        if env.get(var, "false").lower() in ("1", "true", "yes"):
+            return name
+    return None
+
+
+def check_engine(distributed_type: str, lora: bool, environ: dict[str, str] | None = None) -> None:
+    """Refuse to run as plain DDP when the launch asked for FSDP or DeepSpeed (accelerate falls back silently, e.g.
+    on CPU processes), and refuse LoRA under a sharding engine (the LoRA checkpoints read unsharded parameters; LoRA
+    fits one GPU: use DDP)."""
+    wanted = requested_engine(environ)
+    if wanted is not None and wanted not in distributed_type:
+        raise LaunchError(
+            f"the accelerate launch asked for {wanted} (`{ENGINE_ENV[wanted]}`) but the Accelerator runs "
+            f"{distributed_type}; FSDP and DeepSpeed need GPUs (and `pip install deepspeed` for DeepSpeed)"
+        )
+    if lora and distributed_type in ("FSDP", "DEEPSPEED"):
+        raise LaunchError(
+            f"LoRA runs do not shard: launch with configs/accelerate/multi_gpu.yaml (DDP), not {distributed_type}"
+        )
+
+
 def describe_launch(accelerator, batch_size: int, accumulation: int) -> str:
     """One startup line: distributed type, world size, per-device batch, accumulation and global batch."""
     n = accelerator.num_processes
