@@ -7,6 +7,20 @@ from pathlib import Path
 
 from diffalign.config import build_config
 
+
+def png_bytes(colour: tuple[int, int, int], size: int) -> bytes:
+    """A `size`² PNG of `colour` with a white block in its top-left quarter (asymmetric: flips and crops matter)."""
+    import io
+
+    from PIL import Image
+
+    img = Image.new("RGB", (size, size), colour)
+    img.paste((255, 255, 255), (0, 0, size // 2, size // 4))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
 TINY_RUN = dict(
     max_steps=2, learning_rate=1e-3, lora_rank=4, checkpointing_steps=0, lr_scheduler="constant", max_grad_norm=0.0
 )

@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import tiny_config  # noqa: E402
+from helpers import png_bytes, tiny_config  # noqa: E402
 
 COLOURS = [(220, 30, 30), (30, 200, 40), (30, 40, 220), (230, 220, 40), (200, 40, 200), (40, 210, 210)]
 WORDS = ["red", "green", "blue", "yellow", "pink", "white"]
@@ -27,11 +27,7 @@ REL_TOL = 1e-4  # relative, on every trained tensor (max |a − b| ≤ REL_TOL �
 
 
 def _png(colour, size=20) -> bytes:
-    img = Image.new("RGB", (size, size), colour)
-    img.paste((255, 255, 255), (0, 0, size // 2, size // 4))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+    return png_bytes(colour, size)
 
 
 def write_data(root: str | Path) -> dict[str, str]:

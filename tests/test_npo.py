@@ -2,32 +2,26 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
 
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from diffalign.cli import app
 from diffalign.config import build_config, load_config
 from diffalign.trainers import DPOTrainer, NPOTrainer, get_trainer
-from helpers import tiny_config
+from helpers import png_bytes, tiny_config
 
 COLOURS = [(220, 30, 30), (30, 200, 40), (30, 40, 220), (230, 220, 40)]
 WORDS = ["red", "green", "blue", "yellow"]
 
 
 def _png(colour, size=24) -> bytes:
-    img = Image.new("RGB", (size, size), colour)
-    img.paste((255, 255, 255), (0, 0, size // 2, size // 4))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+    return png_bytes(colour, size)
 
 
 @pytest.fixture(scope="module")

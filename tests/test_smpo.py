@@ -4,31 +4,25 @@ SD / SDXL / SD3 models."""
 
 from __future__ import annotations
 
-import io
 import math
 
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 
 from diffalign.data import collate
 from diffalign.inversion import ddim_inverse_step
 from diffalign.objectives import dpo_loss, smpo_loss, soft_preference
 from diffalign.trainers import SmPOTrainer, get_trainer
 from diffalign.trainers.sampling import sample_generators
-from helpers import read_metrics, tiny_config
+from helpers import png_bytes, read_metrics, tiny_config
 
 COLOURS = [(220, 30, 30), (30, 200, 40), (30, 40, 220), (230, 220, 40), (200, 40, 200), (40, 210, 210)]
 WORDS = ["red", "green", "blue", "yellow", "pink", "white"]
 
 
 def _png(colour, size=16) -> bytes:
-    img = Image.new("RGB", (size, size), colour)
-    img.paste((255, 255, 255), (0, 0, size // 2, size // 4))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+    return png_bytes(colour, size)
 
 
 @pytest.fixture(scope="module")
