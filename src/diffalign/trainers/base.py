@@ -211,7 +211,7 @@ class Trainer(ABC):
         self.ref_copy = None
         if cfg.lora_rank > 0:
             # the frozen base weights are stored in the compute dtype (autocast would cast them on every forward;
-            # measured on an H200, SD1.5 LoRA batch 8: 0.407 → see the README's GPU table); LoRA weights stay fp32
+            # SD1.5 LoRA, 8 pairs, bf16 on an H200: 0.407 → 0.380 s/step, 23.5 → 20.3 GiB); LoRA weights stay fp32
             if self.frozen_dtype != torch.float32:
                 self.denoiser.to(self.frozen_dtype)
             targets = tuple(cfg.lora_target_modules) if cfg.lora_target_modules else None
