@@ -81,6 +81,7 @@ def test_cli_under_accelerate_launch_logs_one_launch_line(tiny_sd_path, tmp_path
     launch_lines = [line for line in run.stderr.splitlines() if "launch: MULTI_CPU" in line]
     assert len(launch_lines) == 1 and "global batch 4" in launch_lines[0]
     assert run.stderr.count("effective batch") == 1  # the banner: main process only
+    assert run.stdout.count("final weights:") == 1
     assert (tmp_path / "out" / "final" / "pytorch_lora_weights.safetensors").is_file()
     assert not (tmp_path / "out" / ".diffalign.lock").exists()
 

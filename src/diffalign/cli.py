@@ -85,8 +85,10 @@ def _make_train_command(method: str):
 
         cls = get_trainer(method)
         cfg = load_config(cls.config_class, config, ctx.args)
-        final = cls(cfg).train()
-        typer.echo(f"final weights: {final}\nmetrics: {Path(cfg.output_dir) / 'metrics.jsonl'}")
+        trainer = cls(cfg)
+        final = trainer.train()
+        if trainer.accelerator.is_main_process:  # one line per run, not per process
+            typer.echo(f"final weights: {final}\nmetrics: {Path(cfg.output_dir) / 'metrics.jsonl'}")
 
     return command
 
