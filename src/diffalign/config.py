@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 class StrictConfig(BaseModel):
     """Base of every diffalign config: unknown keys are errors, assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
     @classmethod
     def resolve_file_paths(cls, values: dict[str, Any], folder: Path) -> dict[str, Any]:
@@ -102,7 +102,13 @@ def resolve_config_path(path: str | Path) -> Path:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = resolve_config_path(path)
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"`config` file {str(path)!r} is not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"`config` file {str(path)!r} must hold a mapping of keys, got {type(data).__name__}")
     return data
@@ -170,6 +176,19 @@ UNSUPPORTED_DIFFUSERS_FLAGS = {
 }
 
 
+def _check_bare_flags(cls: type[BaseModel], args: list[str], flags: dict[str, Any]) -> None:
+    """A bare `--key` means `true`; for a key that is not a boolean it is a forgotten value, not the number 1."""
+    for i, arg in enumerate(args):
+        if not arg.startswith("--") or "=" in arg or (i + 1 < len(args) and not args[i + 1].startswith("--")):
+            continue
+        key = arg[2:].replace("-", "_")
+        field = cls.model_fields.get(key)
+        if field is not None and flags.get(key) is True and field.annotation is not bool:
+            raise ConfigError(
+                f"`--{key}` needs a value (e.g. `--{key} {field.get_default(call_default_factory=True)}`)"
+            )
+
+
 def translate_aliases(overrides: dict[str, Any], source: str = "flags") -> dict[str, Any]:
     """Rename the diffusers research scripts' flags to diffalign keys (converting values where the conventions
     differ); an unsupported one, or an alias given together with its key, is a `ConfigError`."""
@@ -196,6 +215,7 @@ def load_config(cls: type[C], config_path: str | Path | None = None, overrides: 
     if config_path and Path(config_path).is_file():  # a user's file (shipped presets stay relative to the cwd)
         file_layer = cls.resolve_file_paths(file_layer, Path(config_path).resolve().parent)
     flags = parse_overrides(overrides or [])
+    _check_bare_flags(cls, overrides or [], flags)
     if issubclass(cls, TrainConfig):
         flags = translate_aliases(flags)
     if config_path:

@@ -109,6 +109,8 @@ class KeyedDataset(Dataset):
             return
         self._bad_rows.add(row)
         self.stats["undecodable"] = len(self._bad_rows)
+        if getattr(self, "first_undecodable", None) is None:
+            self.first_undecodable = (row, column)
         logger.warning("%s: skipping row %d, column %r: undecodable image (%s)", self.source, row, column, err)
 
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from diffalign.backbones import load_backbone
 from diffalign.backbones.attention import apply_attention, resolve_attention
 from diffalign.config import TrainConfig
-from diffalign.data import collate
+from diffalign.data import DataError, collate
 from diffalign.objectives import per_sample_error
 from diffalign.optional import require
 from diffalign.trainers import checkpoint as ckpt
@@ -306,6 +306,12 @@ class Trainer(ABC):
         if not hasattr(self, "accelerator"):
             self.setup()
         acc = self.accelerator
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            from diffalign.config import ConfigError
+
+            raise ConfigError(f"`output_dir` {str(self.output_dir)!r} cannot be created: {err.strerror}") from None
         lock = OutputDirLock(self.output_dir)
         if acc.is_main_process:
             lock.acquire()
@@ -359,7 +365,11 @@ class Trainer(ABC):
                 micro_step = self.global_step * ga + micro
                 batch = next(batches)
                 skipped += int(batch.pop("skipped", 0))
+                empty_run = 0
                 while _batch_len(batch) == 0:  # every sample undecodable: take the next micro-batch
+                    empty_run += cfg.batch_size
+                    if empty_run >= len(self.dataset):  # a whole pass without one usable sample: stop, don't spin
+                        raise DataError(_unusable_message(self.dataset, cfg.data))
                     batch = next(batches)
                     skipped += int(batch.pop("skipped", 0))
                 positions = stream_positions(micro_step, cfg.batch_size, acc.num_processes, acc.process_index)
@@ -551,6 +561,16 @@ def _check_hub_target(cfg: TrainConfig) -> None:
         raise ConfigError("`push_to_hub` is set but `hub_model_id` is not; pass `--hub_model_id me/my-model`")
     if hub_offline():
         raise ConfigError(f"`push_to_hub` to {cfg.hub_model_id!r} needs the Hub, but HF_HUB_OFFLINE is set")
+
+
+def _unusable_message(dataset, source: str) -> str:
+    """'0 of N rows usable: …, first at row R, column C' for a table whose every image failed to decode."""
+    n = len(dataset)
+    first = getattr(dataset, "first_undecodable", None) or getattr(
+        getattr(dataset, "base", None), "first_undecodable", None
+    )
+    where = f", first seen at row {first[0]}, column {first[1]!r}" if first else ""
+    return f"0 of {n} rows of {source!r} usable: every sample has an undecodable image{where}"
 
 
 def _batch_len(batch: dict) -> int:

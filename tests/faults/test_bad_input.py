@@ -1,0 +1,70 @@
+"""Faults a user causes (issue #16): each ends in one line naming the file/flag, key and value — never a hang."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from diffalign.cli import app
+from diffalign.config import ConfigError, load_config
+from diffalign.data import DataError
+from diffalign.trainers import DPOTrainer, get_trainer
+from helpers import tiny_config
+
+
+def _jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20), (200, 30, 30)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_a_table_of_only_undecodable_images_stops_with_one_line(tiny_sd_path, tmp_path):
+    rows = [{"caption": "a red square", "jpg_0": b"not an image", "jpg_1": _jpeg(), "label_0": 1, "label_1": 0}] * 3
+    data = tmp_path / "bad.parquet"
+    pd.DataFrame(rows).to_parquet(data)
+    cfg = tiny_config(DPOTrainer, tiny_sd_path, data, tmp_path / "out", resolution=16, batch_size=1, max_steps=2)
+    with pytest.raises(
+        DataError, match=r"0 of 3 rows of .*bad.parquet' usable: .* first seen at row \d, column 'jpg_0'"
+    ):
+        DPOTrainer(cfg).train()
+
+
+def test_config_values_that_cannot_train_are_refused():
+    DPOConfig = get_trainer("dpo").config_class
+    base = ["--model", "m", "--data", "d"]
+    with pytest.raises(ConfigError, match=r"`beta`.*finite.*got inf"):
+        load_config(DPOConfig, None, [*base, "--beta", ".inf"])
+    with pytest.raises(ConfigError, match=r"`--batch_size` needs a value"):
+        load_config(DPOConfig, None, [*base, "--batch_size"])
+
+
+def test_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("beta: 5000\nlora_rank: [8\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml' is not valid YAML at line \d+, column \d+: "):
+        load_config(get_trainer("dpo").config_class, bad, ["--model", "m", "--data", "d"])
+
+
+def test_unwritable_output_dir_is_one_line_exit_2(tiny_sd_path, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the output folder should go")
+    data = tmp_path / "pairs.parquet"
+    row = {"caption": "a red square", "jpg_0": _jpeg(), "jpg_1": _jpeg(), "label_0": 1, "label_1": 0}
+    pd.DataFrame([row]).to_parquet(data)
+    args = ["train", "dpo", "--model", str(tiny_sd_path), "--data", str(data), "--output_dir", str(blocker / "run"),
+            "--resolution", "16", "--max_steps", "1"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, ConfigError)
+    assert "`output_dir`" in str(result.exception) and "cannot be created" in str(result.exception)
+
+
+def test_user_errors_exit_2_from_the_command_line(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "diffalign", "train", "dpo", "--model", "m", "--beta", ".inf"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and run.stderr.startswith("error:")
