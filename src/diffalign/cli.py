@@ -368,6 +368,10 @@ def main() -> None:
     try:
         app()
     except Exception as err:  # not SystemExit: `--help` must not import the library to classify it
+        preempted = sys.modules.get("diffalign.trainers.preemption")
+        if preempted is not None and isinstance(err, preempted.Preempted):
+            typer.secho(str(err), fg="yellow", err=True)
+            sys.exit(128 + err.signum)
         if not isinstance(err, _user_errors()):
             raise
         typer.secho(f"error: {err}", fg="red", err=True)

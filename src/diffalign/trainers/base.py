@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 import os
+import signal
 import time
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
@@ -39,6 +40,7 @@ from diffalign.trainers.distributed import (
     engine_name,
 )
 from diffalign.trainers.hardware import FROZEN_DTYPES, build_optimizer, resolve_mixed_precision, resolve_optimizer
+from diffalign.trainers.preemption import Preempted, stop_on_signals
 from diffalign.trainers.sampling import StepBatchSampler, sample_generators, stream_positions
 from diffalign.trainers.tracking import init_trackers
 
@@ -315,8 +317,11 @@ class Trainer(ABC):
         lock = OutputDirLock(self.output_dir)
         if acc.is_main_process:
             lock.acquire()
+            for orphan in ckpt.remove_orphans(self.output_dir):
+                logger.info("removed an unfinished checkpoint folder %s (a save that was interrupted)", orphan)
         try:
-            return self._train()
+            with stop_on_signals() as self._stop:
+                return self._train()
         finally:
             lock.release()
 
@@ -403,8 +408,12 @@ class Trainer(ABC):
             bar.set_postfix(postfix)
             for cb in self.callbacks:
                 cb.on_step_end(self, self.global_step)
-            if cfg.checkpointing_steps and self.global_step % cfg.checkpointing_steps == 0:
+            saved = cfg.checkpointing_steps and self.global_step % cfg.checkpointing_steps == 0
+            if saved:
                 self.save_checkpoint()
+            signum = self._stop.agreed(acc)
+            if signum:
+                self._preempted(signum, already_saved=bool(saved))
         bar.close()
         final = self.save_final()
         self._finish_trackers()
@@ -426,6 +435,16 @@ class Trainer(ABC):
             f.write(json.dumps(metrics) + "\n")
         if self.config.report_to != "none":
             self.accelerator.log(metrics, step=self.global_step)
+
+    def _preempted(self, signum: int, already_saved: bool) -> None:
+        """Save the step just finished (unless the schedule already did) and stop with `Preempted`."""
+        path = self.output_dir / f"checkpoint-{self.global_step}" if already_saved else self.save_checkpoint()
+        self._finish_trackers()
+        name = signal.Signals(signum).name if signum in iter(signal.Signals) else str(signum)
+        raise Preempted(
+            signum,
+            f"stopped by {name} after step {self.global_step}; saved {path} — continue with `--resume latest`",
+        )
 
     def _diverged(self, loss: torch.Tensor) -> None:
         found = ckpt.list_checkpoints(self.output_dir)

@@ -70,6 +70,15 @@ def finalize(tmp_dir: Path, final_dir: Path, state: dict) -> Path:
     return final_dir
 
 
+def remove_orphans(output_dir: str | Path) -> list[Path]:
+    """Delete `.tmp-checkpoint-*` folders left by a save that was killed mid-way (never picked by `latest`)."""
+    root = Path(output_dir)
+    orphans = sorted(root.glob(".tmp-checkpoint-*")) if root.is_dir() else []
+    for path in orphans:
+        shutil.rmtree(path, ignore_errors=True)
+    return orphans
+
+
 def prune(output_dir: str | Path, keep: int | None) -> list[Path]:
     """Delete all but the newest `keep` checkpoints; returns what was deleted."""
     if keep is None:
