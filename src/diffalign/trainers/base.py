@@ -536,6 +536,7 @@ class Trainer(ABC):
 
                 logger.info("pushed %s", publish_run(self.output_dir, self.config.hub_model_id))
             logger.info("saved %s", final)
+        acc.wait_for_everyone()  # no rank leaves (and tears the process group down) while the main one still writes
         return final
 
     def _save_gathered(self, final: Path, state: dict[str, torch.Tensor]) -> Path:
