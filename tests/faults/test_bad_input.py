@@ -68,3 +68,18 @@ def test_user_errors_exit_2_from_the_command_line(tmp_path):
     run = subprocess.run([sys.executable, "-m", "diffalign", "train", "dpo", "--model", "m", "--beta", ".inf"],
                          capture_output=True, text=True)  # fmt: skip
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and run.stderr.startswith("error:")
+
+
+@pytest.mark.parametrize(
+    "method, change, message",
+    [("kto", {}, r"trained with method 'dpo', this run has 'kto'"),
+     ("dpo", {"lora_rank": 8}, r"trained with lora_rank 4, this run has 8")],
+)  # fmt: skip
+def test_resume_refuses_another_method_or_adapter_layout(method, change, message, tiny_sd_path, tmp_path):
+    import scale_cases
+
+    data = scale_cases.write_data(tmp_path / "data")
+    scale_cases.run("dpo", tiny_sd_path, data["dpo"], tmp_path / "out", 2, 1, max_steps=2, checkpointing_steps=2)
+    with pytest.raises(ConfigError, match=message):
+        scale_cases.run(method, tiny_sd_path, data[method], tmp_path / "out", 2, 1, max_steps=4, resume="latest",
+                        **change)  # fmt: skip

@@ -489,10 +489,16 @@ class Trainer(ABC):
     def _layout(self) -> dict:
         """How samples map to steps; a resume must keep the global micro-batch and the accumulation."""
         acc = self.accelerator
+        cfg = self.config
         return {
             "world_size": acc.num_processes,
-            "batch_size": self.config.batch_size,
-            "gradient_accumulation_steps": self.config.gradient_accumulation_steps,
+            "batch_size": cfg.batch_size,
+            "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+            "method": self.method,
+            "model": cfg.model,
+            "lora_rank": cfg.lora_rank,
+            "lora_alpha": cfg.lora_alpha,
+            "lora_target_modules": cfg.lora_target_modules,
         }
 
     # ---- outputs ------------------------------------------------------------------------------------------------

@@ -44,13 +44,19 @@ def read_state(path: Path) -> dict:
 def check_layout(state: dict, now: dict, path: Path) -> None:
     """A checkpoint resumes the exact sample stream only with the same global micro-batch (per-device batch ×
     processes) and accumulation; the number of processes may change when their product stays the same."""
+    from diffalign.config import ConfigError
+
+    for key in ("method", "model", "lora_rank", "lora_alpha", "lora_target_modules"):
+        if key in state and key in now and state[key] != now[key]:
+            raise ConfigError(
+                f"cannot resume {str(path)!r}: it was trained with {key} {state[key]!r}, this run has "
+                f"{now[key]!r}; resume with the same {key}, or start a new `output_dir`"
+            )
     if "world_size" not in state:  # written before the layout was recorded
         return
     then_batch = state["batch_size"] * state["world_size"]
     now_batch = now["batch_size"] * now["world_size"]
     if then_batch != now_batch or state["gradient_accumulation_steps"] != now["gradient_accumulation_steps"]:
-        from diffalign.config import ConfigError
-
         raise ConfigError(
             f"cannot resume {str(path)!r}: it was trained with {state['batch_size']} per device x "
             f"{state['world_size']} processes x {state['gradient_accumulation_steps']} accumulation, now "
