@@ -182,17 +182,40 @@ def test_batch_equals_accumulation(tiny_sd_path, pairs_parquet, tmp_path):
     assert _metrics(tmp_path / "b4")[0]["loss"] == pytest.approx(_metrics(tmp_path / "b1")[0]["loss"], abs=1e-6)
 
 
-def test_nan_loss_stops_with_last_good_checkpoint(tiny_sd_path, pairs_parquet, tmp_path):
+def test_nan_loss_steps_are_skipped_then_the_run_stops_with_finite_weights_saved(
+    tiny_sd_path, pairs_parquet, tmp_path
+):
     class Exploding(DPOTrainer):
         def compute_loss(self, batch, generators):
             loss, stats = super().compute_loss(batch, generators)
             return (loss * float("nan") if self.global_step >= 1 else loss), stats
 
-    cfg = _config(Exploding, tiny_sd_path, pairs_parquet, tmp_path, max_steps=3, checkpointing_steps=1)
-    with pytest.raises(TrainingDivergedError, match="checkpoint-1"):
-        Exploding(cfg).train()
-    assert (tmp_path / "checkpoint-1" / "trainer_state.json").is_file()
-    assert not (tmp_path / "checkpoint-2").exists()
+    cfg = _config(Exploding, tiny_sd_path, pairs_parquet, tmp_path, max_steps=6, checkpointing_steps=1,
+                  max_nonfinite_steps=2)  # fmt: skip
+    trainer = Exploding(cfg)
+    with pytest.raises(TrainingDivergedError, match=r"2 steps in a row \(to step 3\) .* saved in .*checkpoint-3"):
+        trainer.train()
+    after_1 = load_file(tmp_path / "checkpoint-1" / "trainable.safetensors")
+    after_3 = load_file(tmp_path / "checkpoint-3" / "trainable.safetensors")
+    assert all(torch.equal(after_1[k], after_3[k]) and torch.isfinite(after_3[k]).all() for k in after_1)
+    assert [r["nonfinite_steps"] for r in _metrics(tmp_path)] == [0, 1]
+
+
+def test_one_nan_step_is_skipped_and_counted(tiny_sd_path, pairs_parquet, tmp_path):
+    class Hiccup(DPOTrainer):
+        def compute_loss(self, batch, generators):
+            loss, stats = super().compute_loss(batch, generators)
+            return (loss * float("nan") if self.global_step == 1 else loss), stats
+
+    Hiccup(_config(Hiccup, tiny_sd_path, pairs_parquet, tmp_path, max_steps=3)).train()
+    assert [r["nonfinite_steps"] for r in _metrics(tmp_path)] == [0, 1, 1]
+    assert all(torch.isfinite(v).all() for v in _final_lora(tmp_path).values())
+
+
+def test_a_huge_beta_with_inf_gradients_does_not_exit_quietly(tiny_sd_path, pairs_parquet, tmp_path):
+    cfg = _config(DPOTrainer, tiny_sd_path, pairs_parquet, tmp_path, beta=1e38, max_steps=5, max_nonfinite_steps=2)
+    with pytest.raises(TrainingDivergedError, match="non-finite loss or gradients"):
+        DPOTrainer(cfg).train()
 
 
 def test_bf16_runs_on_cpu(tiny_sd_path, pairs_parquet, tmp_path):

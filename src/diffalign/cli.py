@@ -343,12 +343,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from diffalign.data import DataError
     from diffalign.export.hub import HubError
     from diffalign.optional import MissingDependencyError
-    from diffalign.trainers import TrainingDivergedError
     from diffalign.trainers.distributed import LaunchError
 
     return (
-        ConfigError, ModelNotFoundError, DataError, TrainingDivergedError, FileNotFoundError, LaunchError, HubError,
-        MissingDependencyError,
+        ConfigError, ModelNotFoundError, DataError, FileNotFoundError, LaunchError, HubError, MissingDependencyError,
     )  # fmt: skip
 
 
@@ -372,6 +370,10 @@ def main() -> None:
         if preempted is not None and isinstance(err, preempted.Preempted):
             typer.secho(str(err), fg="yellow", err=True)
             sys.exit(128 + err.signum)
+        base = sys.modules.get("diffalign.trainers.base")
+        if base is not None and isinstance(err, base.TrainingDivergedError):  # a failed run, not a user error
+            typer.secho(f"error: {err}", fg="red", err=True)
+            sys.exit(1)
         if not isinstance(err, _user_errors()):
             raise
         typer.secho(f"error: {err}", fg="red", err=True)

@@ -277,6 +277,9 @@ class TrainConfig(StrictConfig):
     adam_weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 = off).")
+    max_nonfinite_steps: int = Field(
+        3, ge=1, description="Steps in a row with a non-finite loss/gradients (each skipped) before the run stops."
+    )
     lr_scheduler: Literal[
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
     ] = "constant_with_warmup"

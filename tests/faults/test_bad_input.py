@@ -83,3 +83,14 @@ def test_resume_refuses_another_method_or_adapter_layout(method, change, message
     with pytest.raises(ConfigError, match=message):
         scale_cases.run(method, tiny_sd_path, data[method], tmp_path / "out", 2, 1, max_steps=4, resume="latest",
                         **change)  # fmt: skip
+
+
+def test_a_diverged_run_exits_1_with_one_line(tiny_sd_path, tmp_path):
+    import scale_cases
+
+    data = scale_cases.write_data(tmp_path / "data")["dpo"]
+    run = subprocess.run([sys.executable, "-m", "diffalign", "train", "dpo", "--model", str(tiny_sd_path), "--data",
+                          data, "--output_dir", str(tmp_path / "out"), "--resolution", "16", "--lora_rank", "4",
+                          "--beta", "1e38", "--max_steps", "5", "--max_nonfinite_steps", "2"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 1 and "error: 2 steps in a row" in run.stderr and "Traceback" not in run.stderr

@@ -384,19 +384,23 @@ class Trainer(ABC):
                 generators = sample_generators(cfg.seed, positions)
                 with acc.accumulate(self.model):
                     loss, stats = self.compute_loss(batch, generators)
-                    if not torch.isfinite(loss):
-                        self._diverged(loss)
-                    acc.backward(loss)
+                    acc.backward(loss)  # also for a non-finite loss: every rank must join the gradient sync
                     grad_norm = None
-                    if acc.sync_gradients and cfg.max_grad_norm > 0:
-                        grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
-                    self.optimizer.step()
-                    self.lr_scheduler.step()
+                    applied = True
+                    if acc.sync_gradients:
+                        applied = self._gradients_finite()
+                        if applied and cfg.max_grad_norm > 0:
+                            grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                    if applied:
+                        self.optimizer.step()
+                        self.lr_scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 micro_stats.append({"loss": loss.detach(), **stats})
             self.global_step += 1
+            self._count_nonfinite(applied)
             metrics = self._reduce(micro_stats)
             metrics.update(step=self.global_step, lr=self.lr_scheduler.get_last_lr()[0], skipped_samples=skipped)
+            metrics["nonfinite_steps"] = self.nonfinite_steps
             if grad_norm is not None:
                 metrics["grad_norm"] = float(grad_norm)
             metrics["sec_per_step"] = time.perf_counter() - start
@@ -446,14 +450,39 @@ class Trainer(ABC):
             f"stopped by {name} after step {self.global_step}; saved {path} — continue with `--resume latest`",
         )
 
-    def _diverged(self, loss: torch.Tensor) -> None:
-        found = ckpt.list_checkpoints(self.output_dir)
-        last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet"
-        self._finish_trackers()
-        raise TrainingDivergedError(
-            f"loss is {loss.item()} at step {self.global_step + 1} (nothing from this step was applied); {last}. "
-            "Resume from it with a lower `learning_rate` or `beta`, or with `max_grad_norm` set."
-        )
+    def _check_weights_finite(self, what: str) -> None:
+        """Never write exploded weights: a non-finite trainable weight stops the run before the save."""
+        bad = next((n for n, p in self._named_trainable() if not torch.isfinite(p).all()), None)
+        if bad is not None:
+            self._finish_trackers()
+            found = ckpt.list_checkpoints(self.output_dir)
+            last = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written"
+            raise TrainingDivergedError(
+                f"weight {bad!r} is not finite at step {self.global_step}: {what} not written; {last}"
+            )
+
+    def _gradients_finite(self) -> bool:
+        """True when Σ g² over the trainable gradients is finite in fp32 (DDP has already averaged them: all ranks
+        agree). Finite gradients whose squares overflow would turn Adam's second moment into inf and every later
+        update into 0 (a run at β = 1e38 "trained" without moving), so they count as non-finite too."""
+        squares = [p.grad.float().pow(2).sum() for p in self.params if p.grad is not None]
+        return not squares or bool(torch.isfinite(torch.stack(squares).sum()))
+
+    def _count_nonfinite(self, applied: bool) -> None:
+        """A step whose loss or gradients were not finite is skipped (weights unchanged) and counted; after
+        `max_nonfinite_steps` in a row the run saves its (finite) state and stops."""
+        self.nonfinite_steps = getattr(self, "nonfinite_steps", 0) + (not applied)
+        self._nonfinite_run = 0 if applied else getattr(self, "_nonfinite_run", 0) + 1
+        if not applied:
+            logger.warning("step %d: non-finite loss or gradients, update skipped", self.global_step)
+        if self._nonfinite_run >= self.config.max_nonfinite_steps:
+            path = self.save_checkpoint()
+            self._finish_trackers()
+            raise TrainingDivergedError(
+                f"{self._nonfinite_run} steps in a row (to step {self.global_step}) had a non-finite loss or "
+                f"gradients and were skipped; the last finite weights are saved in {path}. Resume from it with a "
+                "lower `learning_rate` or `beta`, or with `max_grad_norm` set."
+            )
 
     def _finish_trackers(self) -> None:
         """`accelerator.end_training()` without destroying the process group: a process may train several runs in
@@ -505,6 +534,7 @@ class Trainer(ABC):
     def save_checkpoint(self) -> Path | None:
         """`checkpoint-<step>/`: weights (LoRA: trainable only), optimizer, scheduler, callbacks' state."""
         acc = self.accelerator
+        self._check_weights_finite("checkpoint")
         final = self.output_dir / f"checkpoint-{self.global_step}"
         tmp = self.output_dir / f".tmp-checkpoint-{self.global_step}"
         acc.wait_for_everyone()
@@ -522,6 +552,7 @@ class Trainer(ABC):
     def save_final(self) -> Path:
         """`final/`: LoRA in diffusers format or `save_pretrained` weights, plus the resolved config."""
         acc = self.accelerator
+        self._check_weights_finite("final/")
         acc.wait_for_everyone()
         final = self.output_dir / "final"
         # FSDP / ZeRO-3 hold shards: every rank takes part in gathering the full state dict, the main process writes
