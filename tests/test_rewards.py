@@ -321,6 +321,21 @@ def test_aesthetic_is_mlp_of_normalized_image_embedding(tiny_hf_clip, tmp_path, 
     torch.testing.assert_close(reward(images32, PROMPTS), scores)  # the prompt plays no part
 
 
+def test_aesthetic_head_honours_allow_unsafe_pickle(tiny_hf_clip, tmp_path, images32):
+    """The head loader used to ignore `allow_unsafe_pickle` (every other checkpoint loader honours it)."""
+    folder = tiny_hf_clip[0]
+    head = AestheticMLP(in_dim=16)
+    path = tmp_path / "head_with_objects.pth"
+    torch.save({"state_dict": head.state_dict(), "args": NotATensor()}, path)
+    with pytest.raises(ValueError, match="weights_only=True.*pass `allow_unsafe_pickle=True`"):
+        rewards.create("aesthetic", head=str(path), model=folder)
+    with pytest.warns(UserWarning, match="full unpickling"):
+        unsafe = rewards.create("aesthetic", head=str(path), model=folder, allow_unsafe_pickle=True)
+    torch.save(head.state_dict(), tmp_path / "head.pth")
+    safe = rewards.create("aesthetic", head=str(tmp_path / "head.pth"), model=folder)
+    torch.testing.assert_close(unsafe(images32, PROMPTS), safe(images32, PROMPTS))
+
+
 def test_aesthetic_missing_head_says_which_file_to_pass(tiny_hf_clip, tmp_path):
     with pytest.raises(MissingWeightsError, match=r"pass `head=/path/to/sac\+logos\+ava1-l14-linearMSE.pth`"):
         rewards.create("aesthetic", model=tiny_hf_clip[0])

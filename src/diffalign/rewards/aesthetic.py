@@ -72,7 +72,8 @@ def aesthetic(
     """
     if head is None:
         raise MissingWeightsError(f"the aesthetic reward needs its MLP head: pass `head=/path/to/{HEAD_FILE}`")
-    state = load_torch_checkpoint(check_local_path(head, "aesthetic head", f"pass `head=/path/to/{HEAD_FILE}`"))
+    head_path = check_local_path(head, "aesthetic head", f"pass `head=/path/to/{HEAD_FILE}`")
+    state = load_torch_checkpoint(head_path, allow_unsafe_pickle=allow_unsafe_pickle)
     if "layers.0.weight" not in state:
         raise ValueError(f"`head` {head!r} is not an aesthetic MLP state dict (no `layers.0.weight`)")
     mlp = AestheticMLP(in_dim=state["layers.0.weight"].shape[1])
