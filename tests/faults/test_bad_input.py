@@ -94,3 +94,17 @@ def test_a_diverged_run_exits_1_with_one_line(tiny_sd_path, tmp_path):
                           "--beta", "1e38", "--max_steps", "5", "--max_nonfinite_steps", "2"],
                          capture_output=True, text=True)  # fmt: skip
     assert run.returncode == 1 and "error: 2 steps in a row" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_rows_skipped_for_a_bad_label_or_caption_are_named(tmp_path, caplog):
+    import logging
+
+    from diffalign.data import PreferencePairs
+
+    good = {"caption": "a red square", "jpg_0": _jpeg(), "jpg_1": _jpeg(), "label_0": 1.0, "label_1": 0.0}
+    rows = [good, {**good, "label_0": 0.3}, good, {**good, "caption": "  "}, {**good, "label_1": 7.0}]
+    pd.DataFrame(rows).to_parquet(tmp_path / "pairs.parquet")
+    with caplog.at_level(logging.INFO, logger="diffalign.data.base"):
+        pairs = PreferencePairs(str(tmp_path / "pairs.parquet"), resolution=16)
+    assert pairs.stats["bad_label"] == 2 and pairs.skipped_rows == {"bad_label": [1, 4], "bad_caption": [3]}
+    assert "bad_label=2 (rows 1, 4)" in caplog.text and "bad_caption=1 (row 3)" in caplog.text

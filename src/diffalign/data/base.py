@@ -114,9 +114,28 @@ class KeyedDataset(Dataset):
         logger.warning("%s: skipping row %d, column %r: undecodable image (%s)", self.source, row, column, err)
 
 
-def log_summary(name: str, source: str, stats: dict[str, int]) -> None:
-    dropped = ", ".join(f"{k}={v}" for k, v in stats.items() if k not in ("rows", "kept"))
-    logger.info("%s(%s): %d rows -> %d kept (%s)", name, source, stats["rows"], stats["kept"], dropped)
+SKIPPED_ROW_EXAMPLES = 5
+
+
+def note_skip(skipped_rows: dict[str, list[int]] | None, reason: str, row: int) -> None:
+    """Remember the first few table rows skipped for `reason` (they are named in the summary log)."""
+    if skipped_rows is not None and len(skipped_rows.setdefault(reason, [])) < SKIPPED_ROW_EXAMPLES:
+        skipped_rows[reason].append(row)
+
+
+def log_summary(
+    name: str, source: str, stats: dict[str, int], skipped_rows: dict[str, list[int]] | None = None
+) -> None:
+    """`PreferencePairs(data.parquet): 10 rows -> 7 kept (bad_label=2 (rows 3, 8), bad_caption=1 (row 5), …)`."""
+    parts = []
+    for key, value in stats.items():
+        if key in ("rows", "kept"):
+            continue
+        rows = (skipped_rows or {}).get(key, [])
+        more = ", …" if value > len(rows) else ""
+        where = f" (row{'s' if len(rows) > 1 else ''} {', '.join(map(str, rows))}{more})" if rows else ""
+        parts.append(f"{key}={value}{where}")
+    logger.info("%s(%s): %d rows -> %d kept (%s)", name, source, stats["rows"], stats["kept"], ", ".join(parts))
 
 
 def empty_caption(caption: Any) -> bool:

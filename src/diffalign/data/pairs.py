@@ -14,18 +14,22 @@ from typing import Any
 
 import numpy as np
 
-from .base import KeyedDataset, Sample, empty_caption, log_summary
+from .base import KeyedDataset, Sample, empty_caption, log_summary, note_skip
 from .tables import DataError, load_table, read_columns, require_columns
 
 PAIR_COLUMNS = ("jpg_0", "jpg_1", "label_0", "label_1")
 _VALID_LABELS = {0.0, 0.5, 1.0}
 
 
-def pair_index(table, caption_column: str, stats: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+def pair_index(
+    table, caption_column: str, stats: dict[str, int], skipped_rows: dict[str, list[int]] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Scan the caption and label columns (never the images) and keep the valid, non-tie pairs.
 
     A row is counted, in this order of checks, as `bad_label` (a label missing, not in {0, 0.5, 1}, or
     `label_0 + label_1 != 1`), `ties_dropped` (0.5/0.5), `bad_caption` (missing or blank), or kept.
+
+    `skipped_rows` (optional) collects the first `SKIPPED_ROW_EXAMPLES` row indices of each reason, for the logs.
 
     Returns:
         `(rows, second_wins)`: the kept table rows (int64) and whether `jpg_1` is the winner (bool).
@@ -39,6 +43,7 @@ def pair_index(table, caption_column: str, stats: dict[str, int]) -> tuple[np.nd
             second_wins.append(float(l0) == 0.0)
         else:
             stats[verdict] += 1
+            note_skip(skipped_rows, verdict, row)
     stats["rows"] = len(table)
     return np.asarray(rows, dtype=np.int64), np.asarray(second_wins, dtype=bool)
 
@@ -100,10 +105,11 @@ class PreferencePairs(KeyedDataset):
         table = load_table(source, split=split, cache_dir=cache_dir)
         require_columns(table, [caption_column, *PAIR_COLUMNS], source)
         self.stats = dict(rows=0, kept=0, ties_dropped=0, bad_caption=0, bad_label=0, undecodable=0)
-        self._index, self._second_wins = pair_index(table, caption_column, self.stats)
+        self.skipped_rows: dict[str, list[int]] = {}
+        self._index, self._second_wins = pair_index(table, caption_column, self.stats, self.skipped_rows)
         self.stats["kept"] = len(self._index)
         self._cells = table.select_columns([caption_column, "jpg_0", "jpg_1"])
-        log_summary(type(self).__name__, self.source, self.stats)
+        log_summary(type(self).__name__, self.source, self.stats, self.skipped_rows)
 
     def sample(self, index: int) -> Sample:
         row = int(self._index[index])
@@ -150,16 +156,17 @@ class UnpairedImages(KeyedDataset):
         table = load_table(source, split=split, cache_dir=cache_dir)
         self.from_pairs = all(c in table.column_names for c in PAIR_COLUMNS)
         self.stats = dict(rows=0, kept=0, bad_caption=0, bad_label=0, undecodable=0)
+        self.skipped_rows: dict[str, list[int]] = {}
         if self.from_pairs:
             self._init_pairs(table)
         else:
             self._init_rows(table)
-        log_summary(type(self).__name__, self.source, self.stats)
+        log_summary(type(self).__name__, self.source, self.stats, self.skipped_rows)
 
     def _init_pairs(self, table) -> None:
         require_columns(table, [self.caption_column], self.source)
         self.stats["ties_dropped"] = 0
-        rows, second_wins = pair_index(table, self.caption_column, self.stats)
+        rows, second_wins = pair_index(table, self.caption_column, self.stats, self.skipped_rows)
         # item 2k = winner of pair k, item 2k+1 = its loser
         self._index = np.repeat(rows, 2)
         winner_col = np.where(second_wins, 1, 0)
@@ -182,8 +189,10 @@ class UnpairedImages(KeyedDataset):
         for row, (caption, value) in enumerate(zip(cols[self.caption_column], cols[flag])):
             if value not in (True, False, 0, 1):
                 self.stats["bad_label"] += 1
+                note_skip(self.skipped_rows, "bad_label", row)
             elif empty_caption(caption):
                 self.stats["bad_caption"] += 1
+                note_skip(self.skipped_rows, "bad_caption", row)
             else:
                 rows.append(row)
                 desirable.append(bool(value))
