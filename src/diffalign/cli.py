@@ -371,7 +371,7 @@ def main() -> None:
             typer.secho(str(err), fg="yellow", err=True)
             sys.exit(128 + err.signum)
         base = sys.modules.get("diffalign.trainers.base")
-        if base is not None and isinstance(err, base.TrainingDivergedError):  # a failed run, not a user error
+        if base is not None and isinstance(err, base.RunFailedError):  # a failed run, not a user error
             typer.secho(f"error: {err}", fg="red", err=True)
             sys.exit(1)
         if not isinstance(err, _user_errors()):

@@ -108,3 +108,29 @@ def test_rows_skipped_for_a_bad_label_or_caption_are_named(tmp_path, caplog):
         pairs = PreferencePairs(str(tmp_path / "pairs.parquet"), resolution=16)
     assert pairs.stats["bad_label"] == 2 and pairs.skipped_rows == {"bad_label": [1, 4], "bad_caption": [3]}
     assert "bad_label=2 (rows 1, 4)" in caplog.text and "bad_caption=1 (row 3)" in caplog.text
+
+
+def test_disk_full_while_checkpointing_names_the_path_and_keeps_the_previous_one(tiny_sd_path, tmp_path, monkeypatch):
+    import errno
+
+    import scale_cases
+    from diffalign.trainers.base import CheckpointWriteError
+
+    data = scale_cases.write_data(tmp_path / "data")["dpo"]
+    trainer = DPOTrainer(scale_cases.config("dpo", tiny_sd_path, data, tmp_path / "out", 2, 1, max_steps=3,
+                                            checkpointing_steps=1, learning_rate=1e-3))  # fmt: skip
+    trainer.setup()
+    original = trainer.accelerator.save_state
+
+    def fill_the_disk(path, *args, **kwargs):
+        if path.endswith("-2"):
+            original(path, *args, **kwargs)  # half the files written, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.accelerator, "save_state", fill_the_disk)
+    with pytest.raises(CheckpointWriteError, match=r"checkpoint-2 .* no space left on the device; the previous "
+                                                   r"checkpoint .*checkpoint-1 is intact"):  # fmt: skip
+        trainer.train()
+    assert not list((tmp_path / "out").glob(".tmp-checkpoint-*"))
+    assert (tmp_path / "out" / "checkpoint-1" / "trainer_state.json").is_file()

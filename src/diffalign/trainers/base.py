@@ -8,6 +8,7 @@ accumulation and clipping, LoRA or full fine-tuning with the matching reference 
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import logging
 import os
@@ -47,8 +48,16 @@ from diffalign.trainers.tracking import init_trackers
 logger = logging.getLogger(__name__)
 
 
-class TrainingDivergedError(RuntimeError):
+class RunFailedError(RuntimeError):
+    """A run that stopped on its own failure (not the user's input): the CLI prints one line and exits 1."""
+
+
+class TrainingDivergedError(RunFailedError):
     """The loss became NaN/inf; nothing from that step was applied or saved."""
+
+
+class CheckpointWriteError(RunFailedError):
+    """A checkpoint could not be written (e.g. the disk is full); the previous checkpoint is untouched."""
 
 
 class Trainer(ABC):
@@ -538,16 +547,34 @@ class Trainer(ABC):
         final = self.output_dir / f"checkpoint-{self.global_step}"
         tmp = self.output_dir / f".tmp-checkpoint-{self.global_step}"
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()  # every rank has written its RNG state into tmp before rank 0 renames it
-        if acc.is_main_process:
-            for cb in self.callbacks:
-                cb.on_save(self, tmp)
-            ckpt.finalize(tmp, final, {"step": self.global_step, "method": self.method, **self._layout()})
+        try:
+            acc.save_state(str(tmp))
+            acc.wait_for_everyone()  # every rank has written its RNG state into tmp before rank 0 renames it
+            if acc.is_main_process:
+                for cb in self.callbacks:
+                    cb.on_save(self, tmp)
+                ckpt.finalize(tmp, final, {"step": self.global_step, "method": self.method, **self._layout()})
+        except OSError as err:
+            self._checkpoint_write_failed(tmp, err)
             for old in ckpt.prune(self.output_dir, self.config.checkpoints_total_limit):
                 logger.info("removed old checkpoint %s", old)
         acc.wait_for_everyone()
         return final
+
+    def _checkpoint_write_failed(self, tmp: Path, err: OSError) -> None:
+        """Remove the half-written folder and stop with one line naming the path, the cause and the intact
+        previous checkpoint."""
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        found = ckpt.list_checkpoints(self.output_dir)
+        previous = f"the previous checkpoint {found[-1]} is intact" if found else "no earlier checkpoint exists"
+        cause = "no space left on the device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+        self._finish_trackers()
+        raise CheckpointWriteError(
+            f"writing checkpoint-{self.global_step} to {str(tmp.parent)!r} failed: {cause}; {previous} — free space "
+            "and continue with `--resume latest`"
+        ) from None
 
     def save_final(self) -> Path:
         """`final/`: LoRA in diffusers format or `save_pretrained` weights, plus the resolved config."""
