@@ -556,6 +556,7 @@ class Trainer(ABC):
                 ckpt.finalize(tmp, final, {"step": self.global_step, "method": self.method, **self._layout()})
         except OSError as err:
             self._checkpoint_write_failed(tmp, err)
+        if acc.is_main_process:
             for old in ckpt.prune(self.output_dir, self.config.checkpoints_total_limit):
                 logger.info("removed old checkpoint %s", old)
         acc.wait_for_everyone()
