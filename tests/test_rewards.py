@@ -219,16 +219,22 @@ def test_hps_missing_weights_offline_say_which_file_to_pass(tiny_open_clip, tmp_
         rewards.create("hps", version="v3")
 
 
+def _refused_unless_allowed(name: str, weights_key: str, state: dict, safe_file: str, tmp_path, images32, **kw):
+    """A checkpoint that needs full unpickling is refused, loads with `allow_unsafe_pickle=True` (and a warning),
+    and then scores like the same weights saved safely."""
+    path = tmp_path / f"{name}_with_objects.pt"
+    torch.save({"state_dict": state, "args": NotATensor()}, path)
+    with pytest.raises(ValueError, match="weights_only=True.*pass `allow_unsafe_pickle=True`"):
+        rewards.create(name, **{weights_key: str(path)}, **kw)
+    with pytest.warns(UserWarning, match="full unpickling"):
+        unsafe = rewards.create(name, **{weights_key: str(path)}, allow_unsafe_pickle=True, **kw)
+    safe = rewards.create(name, **{weights_key: safe_file}, **kw)
+    torch.testing.assert_close(unsafe(images32, PROMPTS), safe(images32, PROMPTS))
+
+
 def test_checkpoints_load_weights_only_unless_explicitly_allowed(tiny_open_clip, tmp_path, images32):
     config, model, checkpoint = tiny_open_clip
-    path = tmp_path / "with_objects.pt"
-    torch.save({"state_dict": model.state_dict(), "args": NotATensor()}, path)
-    with pytest.raises(ValueError, match="weights_only=True.*pass `allow_unsafe_pickle=True`"):
-        rewards.create("hps", checkpoint=str(path), model_name=config)
-    with pytest.warns(UserWarning, match="full unpickling"):
-        unsafe = rewards.create("hps", checkpoint=str(path), model_name=config, allow_unsafe_pickle=True)
-    safe = rewards.create("hps", checkpoint=checkpoint, model_name=config)
-    torch.testing.assert_close(unsafe(images32, PROMPTS), safe(images32, PROMPTS))
+    _refused_unless_allowed("hps", "checkpoint", model.state_dict(), checkpoint, tmp_path, images32, model_name=config)
 
 
 def test_hps_checkpoint_of_another_architecture_is_a_clear_error(tiny_open_clip, tmp_path):
@@ -323,17 +329,10 @@ def test_aesthetic_is_mlp_of_normalized_image_embedding(tiny_hf_clip, tmp_path, 
 
 def test_aesthetic_head_honours_allow_unsafe_pickle(tiny_hf_clip, tmp_path, images32):
     """The head loader used to ignore `allow_unsafe_pickle` (every other checkpoint loader honours it)."""
-    folder = tiny_hf_clip[0]
     head = AestheticMLP(in_dim=16)
-    path = tmp_path / "head_with_objects.pth"
-    torch.save({"state_dict": head.state_dict(), "args": NotATensor()}, path)
-    with pytest.raises(ValueError, match="weights_only=True.*pass `allow_unsafe_pickle=True`"):
-        rewards.create("aesthetic", head=str(path), model=folder)
-    with pytest.warns(UserWarning, match="full unpickling"):
-        unsafe = rewards.create("aesthetic", head=str(path), model=folder, allow_unsafe_pickle=True)
     torch.save(head.state_dict(), tmp_path / "head.pth")
-    safe = rewards.create("aesthetic", head=str(tmp_path / "head.pth"), model=folder)
-    torch.testing.assert_close(unsafe(images32, PROMPTS), safe(images32, PROMPTS))
+    state, safe = head.state_dict(), str(tmp_path / "head.pth")
+    _refused_unless_allowed("aesthetic", "head", state, safe, tmp_path, images32, model=tiny_hf_clip[0])
 
 
 def test_aesthetic_missing_head_says_which_file_to_pass(tiny_hf_clip, tmp_path):
