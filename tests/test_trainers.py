@@ -201,13 +201,14 @@ def test_nan_loss_steps_are_skipped_then_the_run_stops_with_finite_weights_saved
     assert [r["nonfinite_steps"] for r in _metrics(tmp_path)] == [0, 1]
 
 
-def test_one_nan_step_is_skipped_and_counted(tiny_sd_path, pairs_parquet, tmp_path):
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1.0])  # checked by Σ g², or by the clip's total norm
+def test_one_nan_step_is_skipped_and_counted(max_grad_norm, tiny_sd_path, pairs_parquet, tmp_path):
     class Hiccup(DPOTrainer):
         def compute_loss(self, batch, generators):
             loss, stats = super().compute_loss(batch, generators)
             return (loss * float("nan") if self.global_step == 1 else loss), stats
 
-    Hiccup(_config(Hiccup, tiny_sd_path, pairs_parquet, tmp_path, max_steps=3)).train()
+    Hiccup(_config(Hiccup, tiny_sd_path, pairs_parquet, tmp_path, max_steps=3, max_grad_norm=max_grad_norm)).train()
     assert [r["nonfinite_steps"] for r in _metrics(tmp_path)] == [0, 1, 1]
     assert all(torch.isfinite(v).all() for v in _final_lora(tmp_path).values())
 

@@ -349,7 +349,6 @@ class Trainer(ABC):
             logger.info("`resume: latest` found no checkpoint in %s; starting from step 0", self.output_dir)
         self._log_banner()
         if acc.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
             for log in ("metrics.jsonl", "validation.jsonl"):
                 _truncate_metrics(self.output_dir / log, self.global_step)
             (self.output_dir / "config.yaml").write_text(self.config.to_yaml())  # what checkpoints were made with
@@ -396,10 +395,11 @@ class Trainer(ABC):
                     acc.backward(loss)  # also for a non-finite loss: every rank must join the gradient sync
                     grad_norm = None
                     applied = True
-                    if acc.sync_gradients:
+                    if acc.sync_gradients and cfg.max_grad_norm > 0:  # one norm both clips and checks
+                        grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                        applied = bool(torch.isfinite(grad_norm))
+                    elif acc.sync_gradients:
                         applied = self._gradients_finite()
-                        if applied and cfg.max_grad_norm > 0:
-                            grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
                     if applied:
                         self.optimizer.step()
                         self.lr_scheduler.step()
@@ -471,9 +471,10 @@ class Trainer(ABC):
             )
 
     def _gradients_finite(self) -> bool:
-        """True when Σ g² over the trainable gradients is finite in fp32 (DDP has already averaged them: all ranks
-        agree). Finite gradients whose squares overflow would turn Adam's second moment into inf and every later
-        update into 0 (a run at β = 1e38 "trained" without moving), so they count as non-finite too."""
+        """Without clipping: True when Σ g² over the trainable gradients is finite in fp32 (DDP has already averaged
+        them: all ranks agree). Finite gradients whose squares overflow would turn Adam's second moment into inf and
+        every later update into 0 (a run at β = 1e38 "trained" without moving), so they count as non-finite too.
+        With clipping, the clip's total norm is checked instead (clipped gradients cannot overflow Adam)."""
         squares = [p.grad.float().pow(2).sum() for p in self.params if p.grad is not None]
         return not squares or bool(torch.isfinite(torch.stack(squares).sum()))
 

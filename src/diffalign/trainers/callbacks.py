@@ -128,8 +128,6 @@ class ValidationCallback(Callback):
         return images
 
     def _log_reward(self, trainer: TrainerLike, images: list, step: int) -> None:
-        import json
-
         from diffalign.rewards import create, parse_spec
 
         if self._reward is None:
@@ -137,12 +135,7 @@ class ValidationCallback(Callback):
             self._reward = create(name, **kwargs)
             self._base_reward = float(self._reward(self._base_images, self.prompts).float().mean())
         value = float(self._reward(images, self.prompts).float().mean())
-        record = {"step": step, "val/reward": value, "val/reward_base": self._base_reward}
-        with open(trainer.output_dir / "validation.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if trainer.config.report_to != "none":
-            trainer.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
-        logger.info("validation reward %.4f (base %.4f)", value, self._base_reward)
+        record_validation(trainer, step, {"val/reward": value, "val/reward_base": self._base_reward})
 
 
 class HeldOutLossCallback(Callback):
@@ -161,8 +154,6 @@ class HeldOutLossCallback(Callback):
     def on_step_end(self, trainer: TrainerLike, step: int) -> None:
         if step % self.every or not trainer.accelerator.is_main_process:
             return
-        import json
-
         from diffalign.data import collate
         from diffalign.trainers.sampling import sample_generators
 
@@ -180,16 +171,22 @@ class HeldOutLossCallback(Callback):
                     batch = collate([self._dataset[(0, i)] for i in range(start, min(start + size, n))])
                     batch.pop("skipped", None)
                     rows = len(batch.get("caption", [])) or min(size, n - start)
-                    positions = [self.SEED_OFFSET + trainer.config.seed + i for i in range(start, start + rows)]
+                    positions = [self.SEED_OFFSET + i for i in range(start, start + rows)]
                     loss, stats = trainer.compute_loss(batch, sample_generators(trainer.config.seed, positions))
                     for key, value in {"loss": loss, **stats}.items():
                         totals[key] = totals.get(key, 0.0) + float(value) * rows
                     count += rows
         finally:
             trainer.model = wrapped
-        record = {"step": step, **{f"val/{k}": v / count for k, v in totals.items()}}
-        with open(trainer.output_dir / "validation.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if trainer.config.report_to != "none":
-            trainer.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
-        logger.info("held-out: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step"))
+        record_validation(trainer, step, {f"val/{k}": v / count for k, v in totals.items()})
+
+
+def record_validation(trainer: TrainerLike, step: int, values: dict[str, float]) -> None:
+    """Append `{"step", **values}` to `validation.jsonl`, log it to the trackers and the console."""
+    import json
+
+    with open(trainer.output_dir / "validation.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, **values}) + "\n")
+    if trainer.config.report_to != "none":
+        trainer.accelerator.log(values, step=step)
+    logger.info("validation at step %d: %s", step, ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
