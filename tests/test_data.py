@@ -127,11 +127,11 @@ def test_corrupt_image_is_none_logged_once_counted_and_skipped_by_collate(pickap
     assert "row 6" in warnings[0] and "jpg_0" in warnings[0] and str(pickapic) in warnings[0]
     assert ds.stats["undecodable"] == 1
     batch = collate([ds[0], ds[2], ds[1]])
-    assert batch["skipped"] == 1
+    assert batch["skipped"] == 1 and batch["kept"] == [0, 2]
     assert batch["pixels_w"].shape == (2, 3, R, R)
     assert batch["row"].tolist() == [0, 1]
     assert batch["caption"] == ["red wins", "yellow wins"]
-    assert collate([None, None]) == {"skipped": 2}
+    assert collate([None, None]) == {"skipped": 2, "kept": []}
 
 
 def test_init_logs_summary(pickapic, caplog):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 
@@ -134,3 +135,48 @@ def test_disk_full_while_checkpointing_names_the_path_and_keeps_the_previous_one
         trainer.train()
     assert not list((tmp_path / "out").glob(".tmp-checkpoint-*"))
     assert (tmp_path / "out" / "checkpoint-1" / "trainer_state.json").is_file()
+
+
+def test_resume_after_a_skipped_micro_batch_is_exact_and_keeps_the_counts(tiny_sd_path, tmp_path):
+    """Batch size 1 with an undecodable image: the micro-batch holding it is passed over. A run stopped after that
+    and resumed must continue at the same sample (bit-exact weights) and keep counting from where it was."""
+    import scale_cases
+    from helpers import png_bytes, read_metrics
+
+    good = {"caption": "a red square", "jpg_0": png_bytes((200, 30, 30), 20), "jpg_1": _jpeg(), "label_0": 1,
+            "label_1": 0}  # fmt: skip
+    rows = [good, {**good, "jpg_0": b"not an image"}, {**good, "caption": "a blue square"}]
+    data = tmp_path / "pairs.parquet"
+    pd.DataFrame(rows).to_parquet(data)  # 3 rows: the first epoch (steps 1-3) meets the bad one
+
+    def run(out, steps, **kw):
+        cfg = tiny_config(DPOTrainer, tiny_sd_path, data, out, resolution=16, batch_size=1, max_steps=steps,
+                          checkpointing_steps=3, **kw)  # fmt: skip
+        DPOTrainer(cfg).train()
+
+    run(tmp_path / "straight", 7)
+    run(tmp_path / "resumed", 3)
+    state = json.loads((tmp_path / "resumed" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["stream_offsets"] == [state["skipped_samples"]] and state["skipped_samples"] >= 1  # batch 1
+    run(tmp_path / "resumed", 7, resume="latest")
+
+    a, b = scale_cases.trained(tmp_path / "straight"), scale_cases.trained(tmp_path / "resumed")
+    assert scale_cases.max_relative_difference(a, b) == 0.0
+    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+    assert [m["skipped_samples"] for m in resumed] == [m["skipped_samples"] for m in straight]
+    assert straight[-1]["skipped_samples"] > state["skipped_samples"]  # the bad row was met after the resume too
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in straight]
+
+
+def test_resume_on_another_world_size_after_uneven_skips_is_refused():
+    from types import SimpleNamespace
+
+    from diffalign.trainers.base import Trainer
+
+    me = SimpleNamespace(accelerator=SimpleNamespace(num_processes=1, process_index=0))
+    Trainer._restore_counters(me, {"stream_offsets": [0, 0], "skipped_samples": 3}, "ckpt")  # nothing passed over
+    assert (me.stream_offset, me.skipped_samples, me.nonfinite_steps) == (0, 3, 0)
+    with pytest.raises(
+        ConfigError, match=r"cannot resume 'ckpt' on 1 processes: .* \(offsets \[1, 0\]\).*resume on 2 processes"
+    ):
+        Trainer._restore_counters(me, {"stream_offsets": [1, 0]}, "ckpt")

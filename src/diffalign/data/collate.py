@@ -11,16 +11,20 @@ import torch
 def collate(items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
     """`collate_fn` for every diffalign dataset.
 
-    `None` items (undecodable images) are dropped and counted in `"skipped"`. Tensors are stacked (a new batch dim),
-    nested dicts of tensors (cached text embeddings) are stacked per key, `bool` → `BoolTensor` (`desirable`),
-    `int` → `LongTensor` (`row`), `float` → `FloatTensor`, anything else (captions) → a list.
+    `None` items (undecodable images) are dropped and counted in `"skipped"`; `"kept"` lists the positions (in
+    `items`) of the samples that remain, so per-sample randomness stays attached to the right sample. Tensors are
+    stacked (a new batch dim), nested dicts of tensors (cached text embeddings) are stacked per key, `bool` →
+    `BoolTensor` (`desirable`), `int` → `LongTensor` (`row`), `float` → `FloatTensor`, anything else (captions) → a
+    list.
 
     Returns:
-        `dict`: the batch plus `"skipped"` (`int`). If every item was `None` the batch is just `{"skipped": n}`.
+        `dict`: the batch plus `"skipped"` (`int`) and `"kept"` (`list[int]`). If every item was `None` the batch is
+        just `{"skipped": n, "kept": []}`.
     """
     kept = [item for item in items if item is not None]
     batch = _collate_dicts(kept) if kept else {}
     batch["skipped"] = len(items) - len(kept)
+    batch["kept"] = [i for i, item in enumerate(items) if item is not None]
     return batch
 
 

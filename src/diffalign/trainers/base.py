@@ -75,6 +75,10 @@ class Trainer(ABC):
         self.output_dir = Path(config.output_dir)
         self.callbacks = list(callbacks or [])
         self.global_step = 0
+        self.skipped_samples = 0  # over all processes and the whole run (restored on resume)
+        self.nonfinite_steps = 0
+        self._nonfinite_run = 0
+        self.stream_offset = 0  # this process's micro-batches passed over (all images undecodable)
         self._empty_text: dict[str, torch.Tensor] | None = None
 
     # ---- what a method defines ----------------------------------------------------------------------------------
@@ -342,6 +346,7 @@ class Trainer(ABC):
             ckpt.check_layout(state, self._layout(), resume_from)
             acc.load_state(str(resume_from))
             self.global_step = state["step"]
+            self._restore_counters(state, resume_from)
             for cb in self.callbacks:
                 cb.on_resume(self, resume_from)
             logger.info("resumed from %s at step %d", resume_from, self.global_step)
@@ -357,7 +362,12 @@ class Trainer(ABC):
 
         ga = cfg.gradient_accumulation_steps
         sampler = StepBatchSampler(
-            len(self.dataset), cfg.batch_size, cfg.seed, self.global_step * ga, acc.num_processes, acc.process_index
+            len(self.dataset),
+            cfg.batch_size,
+            cfg.seed,
+            self.global_step * ga + self.stream_offset,
+            acc.num_processes,
+            acc.process_index,
         )
         loader = DataLoader(
             self.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.dataloader_num_workers
@@ -369,24 +379,11 @@ class Trainer(ABC):
             desc=f"train {self.method}",
             disable=not acc.is_local_main_process,
         )
-        skipped = 0
         while self.global_step < cfg.max_steps:
             start = time.perf_counter()
             micro_stats: list[dict] = []
-            micro_batches = []
-            for micro in range(ga):
-                micro_step = self.global_step * ga + micro
-                batch = next(batches)
-                skipped += int(batch.pop("skipped", 0))
-                empty_run = 0
-                while _batch_len(batch) == 0:  # every sample undecodable: take the next micro-batch
-                    empty_run += cfg.batch_size
-                    if empty_run >= len(self.dataset):  # a whole pass without one usable sample: stop, don't spin
-                        raise DataError(_unusable_message(self.dataset, cfg.data))
-                    batch = next(batches)
-                    skipped += int(batch.pop("skipped", 0))
-                positions = stream_positions(micro_step, cfg.batch_size, acc.num_processes, acc.process_index)
-                micro_batches.append((batch, positions[: _batch_len(batch)]))
+            self._skipped_this_step = 0
+            micro_batches = [self._next_micro_batch(batches, self.global_step * ga + micro) for micro in range(ga)]
             self.before_step(micro_batches)
             for batch, positions in micro_batches:
                 generators = sample_generators(cfg.seed, positions)
@@ -408,7 +405,9 @@ class Trainer(ABC):
             self.global_step += 1
             self._count_nonfinite(applied)
             metrics = self._reduce(micro_stats)
-            metrics.update(step=self.global_step, lr=self.lr_scheduler.get_last_lr()[0], skipped_samples=skipped)
+            self.skipped_samples += int(acc.reduce(torch.tensor(self._skipped_this_step, device=acc.device), "sum"))
+            metrics.update(step=self.global_step, lr=self.lr_scheduler.get_last_lr()[0])
+            metrics["skipped_samples"] = self.skipped_samples
             metrics["nonfinite_steps"] = self.nonfinite_steps
             if grad_norm is not None:
                 metrics["grad_norm"] = float(grad_norm)
@@ -428,9 +427,55 @@ class Trainer(ABC):
             if signum:
                 self._preempted(signum, already_saved=bool(saved))
         bar.close()
+        if acc.is_main_process:
+            logger.info(
+                "run summary: %d steps | %d samples skipped (undecodable images) | %d steps skipped (non-finite)",
+                self.global_step,
+                self.skipped_samples,
+                self.nonfinite_steps,
+            )
         final = self.save_final()
         self._finish_trackers()
         return final
+
+    def _next_micro_batch(self, batches, micro_step: int) -> tuple[dict, list[int]]:
+        """The next micro-batch with at least one usable sample, and the stream positions of the samples it kept
+        (they key each sample's timestep and noise). A micro-batch whose every image is undecodable is passed over:
+        this process's stream moves one micro-batch further (`stream_offset`, saved in checkpoints, so a resume
+        continues at the same sample). A whole pass without one usable sample stops the run."""
+        cfg, acc = self.config, self.accelerator
+        passed_over = 0
+        while True:
+            batch = next(batches)
+            self._skipped_this_step += batch.pop("skipped")
+            kept = batch.pop("kept")
+            positions = stream_positions(
+                micro_step + self.stream_offset, cfg.batch_size, acc.num_processes, acc.process_index
+            )
+            if kept:
+                return batch, [positions[i] for i in kept]
+            self.stream_offset += 1
+            passed_over += cfg.batch_size
+            if passed_over >= len(self.dataset):
+                raise DataError(_unusable_message(self.dataset, cfg.data))
+
+    def _restore_counters(self, state: dict, path: Path) -> None:
+        """Counters that must survive a resume: samples and non-finite steps skipped so far, and each process's
+        stream offset (micro-batches passed over because every image was undecodable)."""
+        from diffalign.config import ConfigError
+
+        acc = self.accelerator
+        self.skipped_samples = state.get("skipped_samples", 0)
+        self.nonfinite_steps = state.get("nonfinite_steps", 0)
+        offsets = state.get("stream_offsets", [0])
+        same_world = len(offsets) == acc.num_processes
+        self.stream_offset = offsets[acc.process_index] if same_world else 0
+        if not same_world and any(offsets):
+            raise ConfigError(
+                f"cannot resume {str(path)!r} on {acc.num_processes} processes: its {len(offsets)} processes passed "
+                f"over different undecodable micro-batches (offsets {offsets}), so their sample streams no longer "
+                f"line up; resume on {len(offsets)} processes"
+            )
 
     def _reduce(self, micro_stats: list[dict]) -> dict[str, float]:
         """Mean over micro-steps, then over processes: one record per optimizer step."""
@@ -481,8 +526,8 @@ class Trainer(ABC):
     def _count_nonfinite(self, applied: bool) -> None:
         """A step whose loss or gradients were not finite is skipped (weights unchanged) and counted; after
         `max_nonfinite_steps` in a row the run saves its (finite) state and stops."""
-        self.nonfinite_steps = getattr(self, "nonfinite_steps", 0) + (not applied)
-        self._nonfinite_run = 0 if applied else getattr(self, "_nonfinite_run", 0) + 1
+        self.nonfinite_steps += not applied
+        self._nonfinite_run = 0 if applied else self._nonfinite_run + 1
         if not applied:
             logger.warning("step %d: non-finite loss or gradients, update skipped", self.global_step)
         if self._nonfinite_run >= self.config.max_nonfinite_steps:
@@ -547,6 +592,14 @@ class Trainer(ABC):
         self._check_weights_finite("checkpoint")
         final = self.output_dir / f"checkpoint-{self.global_step}"
         tmp = self.output_dir / f".tmp-checkpoint-{self.global_step}"
+        offsets = acc.gather(torch.tensor([self.stream_offset], device=acc.device)).tolist()
+        state = {
+            "step": self.global_step,
+            "method": self.method,
+            "skipped_samples": self.skipped_samples,
+            "nonfinite_steps": self.nonfinite_steps,
+            "stream_offsets": offsets,
+        }
         acc.wait_for_everyone()
         try:
             acc.save_state(str(tmp))
@@ -554,7 +607,7 @@ class Trainer(ABC):
             if acc.is_main_process:
                 for cb in self.callbacks:
                     cb.on_save(self, tmp)
-                ckpt.finalize(tmp, final, {"step": self.global_step, "method": self.method, **self._layout()})
+                ckpt.finalize(tmp, final, {**state, **self._layout()})
         except OSError as err:
             self._checkpoint_write_failed(tmp, err)
         if acc.is_main_process:
@@ -657,13 +710,6 @@ def _unusable_message(dataset, source: str) -> str:
     )
     where = f", first seen at row {first[0]}, column {first[1]!r}" if first else ""
     return f"0 of {n} rows of {source!r} usable: every sample has an undecodable image{where}"
-
-
-def _batch_len(batch: dict) -> int:
-    for v in batch.values():
-        if isinstance(v, (list, torch.Tensor)):
-            return len(v)
-    return 0
 
 
 def _bcast(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -169,9 +169,11 @@ class HeldOutLossCallback(Callback):
             with torch.no_grad(), trainer.accelerator.autocast():
                 for start in range(0, n, size):
                     batch = collate([self._dataset[(0, i)] for i in range(start, min(start + size, n))])
-                    batch.pop("skipped", None)
-                    rows = len(batch.get("caption", [])) or min(size, n - start)
-                    positions = [self.SEED_OFFSET + i for i in range(start, start + rows)]
+                    batch.pop("skipped")
+                    positions = [self.SEED_OFFSET + start + i for i in batch.pop("kept")]
+                    rows = len(positions)
+                    if not rows:  # every image of this batch was undecodable
+                        continue
                     loss, stats = trainer.compute_loss(batch, sample_generators(trainer.config.seed, positions))
                     for key, value in {"loss": loss, **stats}.items():
                         totals[key] = totals.get(key, 0.0) + float(value) * rows
