@@ -247,6 +247,11 @@ class TrainConfig(StrictConfig):
     checkpointing_steps: int = Field(500, ge=0, description="Save a resumable checkpoint every N steps (0 = never).")
     checkpoints_total_limit: int | None = Field(None, ge=1, description="Keep only the newest N checkpoints.")
     resume: str | None = Field(None, description="`latest` or a checkpoint-<step> folder to resume from.")
+    init_from: str | None = Field(
+        None,
+        description="Weights-only start: a run folder, its final/ or a checkpoint-<step>/ whose trained weights "
+        "(same LoRA layout) begin this run at step 0 with a fresh optimizer; any method. The reference stays `model`.",
+    )
     push_to_hub: bool = Field(False, description="Upload final/ (with a model card) to `hub_model_id` at the end.")
     hub_model_id: str | None = Field(None, description="Hub repo id for `push_to_hub`, e.g. `me/dpo-sd15-lora`.")
     validation_steps: int = Field(0, ge=0, description="Write validation images every N steps (0 = never).")

@@ -86,6 +86,47 @@ def test_resume_refuses_another_method_or_adapter_layout(method, change, message
                         **change)  # fmt: skip
 
 
+@pytest.mark.parametrize("lora_rank, source", [(4, "final"), (0, "checkpoint-1")])
+def test_init_from_starts_another_method_from_the_trained_weights(lora_rank, source, tiny_sd_path, tmp_path):
+    """The deliberate method change the resume refusal points to: KTO starts from a DPO run's weights (LoRA from
+    final/, full fine-tune from a checkpoint), step 0, while the reference stays the base model."""
+    import torch
+
+    import scale_cases
+    from diffalign.export.runs import load_run
+    from diffalign.trainers.kto import KTOTrainer
+
+    data = scale_cases.write_data(tmp_path / "data")
+    scale_cases.run("dpo", tiny_sd_path, data["dpo"], tmp_path / "dpo", 2, 1, max_steps=1, checkpointing_steps=1,
+                    lora_rank=lora_rank)  # fmt: skip
+    init = str(tmp_path / "dpo" / source)
+    trainer = KTOTrainer(scale_cases.config("kto", tiny_sd_path, data["kto"], tmp_path / "kto", 2, 1,
+                                            lora_rank=lora_rank, init_from=init))  # fmt: skip
+    trainer.setup()
+    dpo = load_run(tmp_path / "dpo" / source)
+    if lora_rank:
+        module, (down, up) = next(iter(dpo.lora.items()))
+        name = module.split(".", 1)[1]
+        named = dict(trainer.denoiser.named_parameters())
+        assert torch.equal(named[f"{name}.lora_A.default.weight"], down)
+        assert torch.equal(named[f"{name}.lora_B.default.weight"], up) and up.abs().sum() > 0  # B trained from 0
+    else:
+        key, trained = next((k, v) for k, v in dpo.denoiser_state.items() if "attn1.to_q" in k)
+        assert torch.equal(trainer.denoiser.state_dict()[key], trained)
+        assert not torch.equal(trainer.ref_copy.state_dict()[key], trained)  # the reference is still the base
+    assert trainer.train().is_dir() and trainer.global_step == 1  # from step 0, max_steps 1
+
+
+def test_init_from_with_another_lora_layout_is_one_line(tiny_sd_path, tmp_path):
+    import scale_cases
+
+    data = scale_cases.write_data(tmp_path / "data")
+    scale_cases.run("dpo", tiny_sd_path, data["dpo"], tmp_path / "dpo", 2, 1, max_steps=1, checkpointing_steps=0)
+    with pytest.raises(ConfigError, match=r"holds a LoRA of rank 4, alpha 4; this run has lora_rank 8, lora_alpha 8"):
+        scale_cases.run("kto", tiny_sd_path, data["kto"], tmp_path / "kto", 2, 1, lora_rank=8,
+                        init_from=str(tmp_path / "dpo"))  # fmt: skip
+
+
 def test_a_diverged_run_exits_1_with_one_line(tiny_sd_path, tmp_path):
     import scale_cases
 

@@ -234,6 +234,9 @@ class Trainer(ABC):
         else:
             self.ref_copy = copy.deepcopy(self.denoiser).requires_grad_(False).eval().to(self.frozen_dtype)
             self.denoiser.requires_grad_(True)
+        if cfg.init_from and ckpt.resolve_resume(cfg.resume, self.output_dir) is None:  # the reference stays `model`
+            loaded = ckpt.load_initial_weights(self.denoiser, cfg.init_from, cfg.lora_rank, cfg.lora_alpha)
+            logger.info("init_from: starting from the %s", loaded)
         self.denoiser.train()
         if cfg.gradient_checkpointing:
             self.backbone.set_gradient_checkpointing(True)

@@ -50,7 +50,8 @@ def check_layout(state: dict, now: dict, path: Path) -> None:
         if key in state and key in now and state[key] != now[key]:
             raise ConfigError(
                 f"cannot resume {str(path)!r}: it was trained with {key} {state[key]!r}, this run has "
-                f"{now[key]!r}; resume with the same {key}, or start a new `output_dir`"
+                f"{now[key]!r}; resume with the same {key}, or start a new run from its weights with "
+                f"`--init_from {path}` and a new `output_dir`"
             )
     if "world_size" not in state:  # written before the layout was recorded
         return
@@ -94,3 +95,53 @@ def prune(output_dir: str | Path, keep: int | None) -> list[Path]:
     for path in removed:
         shutil.rmtree(path)
     return removed
+
+
+def load_initial_weights(denoiser, source: str | Path, lora_rank: int, lora_alpha: float | None) -> str:
+    """Copy the trained weights of another run (`init_from`: a run folder, its `final/` or a `checkpoint-<step>/`)
+    into `denoiser`: LoRA factors into the matching adapter (same rank and α, or one line saying which differs),
+    a full fine-tune's state dict into the denoiser (strict). Returns a description for the log."""
+    import torch
+
+    from diffalign.backbones.base import unwrap
+    from diffalign.config import ConfigError
+    from diffalign.export.runs import load_run
+
+    try:
+        run = load_run(source)
+    except FileNotFoundError as err:
+        raise ConfigError(f"`init_from`: {err}") from None
+    net = unwrap(denoiser)
+    what = f"{run.method or 'a'} run at step {run.step} ({run.source})"
+    if run.lora is not None:
+        alpha = lora_alpha or lora_rank
+        if lora_rank != run.lora_rank or float(alpha) != float(run.lora_alpha):
+            raise ConfigError(
+                f"`init_from` {str(source)!r} holds a LoRA of rank {run.lora_rank}, alpha {run.lora_alpha:g}; this "
+                f"run has lora_rank {lora_rank}, lora_alpha {alpha:g}; use the same `lora_rank` and `lora_alpha`"
+            )
+        params = dict(net.named_parameters())
+        with torch.no_grad():
+            for module, (down, up) in run.lora.items():
+                name = module.split(".", 1)[1]  # drop the component (`unet.`)
+                for factor, value in (("lora_A", down), ("lora_B", up)):
+                    key = f"{name}.{factor}.default.weight"
+                    if key not in params:
+                        raise ConfigError(
+                            f"`init_from` {str(source)!r}: LoRA module {module!r} is not adapted in this run; use the "
+                            "same `lora_target_modules` and `model`"
+                        )
+                    params[key].copy_(value)
+        return f"LoRA of the {what}"
+    if lora_rank:
+        raise ConfigError(
+            f"`init_from` {str(source)!r} is a full fine-tune; this run trains a LoRA (`lora_rank` {lora_rank}); "
+            "pass its final/ folder as `model` instead, or set `lora_rank: 0`"
+        )
+    missing, unexpected = net.load_state_dict(run.denoiser_state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(
+            f"`init_from` {str(source)!r} does not fit this model: {len(missing)} weights missing (e.g. "
+            f"{missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}); use the same `model`"
+        )
+    return f"weights of the {what}"
