@@ -380,7 +380,10 @@ class PipelineBackbone(Backbone):
         kwargs = {self.lora_layers_kwarg: layers}
         metadata_kwarg = self.lora_layers_kwarg.replace("_layers", "_adapter_metadata")
         if metadata_kwarg in inspect.signature(self.pipeline_class.save_lora_weights).parameters:
-            kwargs[metadata_kwarg] = net.peft_config["default"].to_dict()
+            meta = net.peft_config["default"].to_dict()
+            if isinstance(meta.get("target_modules"), (set, list)):  # a set: hash order would change the file bytes
+                meta["target_modules"] = sorted(meta["target_modules"])
+            kwargs[metadata_kwarg] = meta
         out_dir = Path(out_dir)
         self.pipeline_class.save_lora_weights(out_dir, safe_serialization=True, **kwargs)
         return out_dir / "pytorch_lora_weights.safetensors"
