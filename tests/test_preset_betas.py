@@ -23,7 +23,11 @@ PRESET_BETAS = {
     "sdxl_dpo_lora": (5000, "diffusers train_diffusion_dpo_sdxl.py default beta_dpo 5000, keeps the ½"),
     "sd15_npo": (1000, "G-U-N/Diffusion-NPO DPO-DPO-NPO/run_sd15.sh --beta_dpo 500; train_sd15.py has no ½: × 2"),
     "sdxl_npo": (2000, "G-U-N/Diffusion-NPO DPO-DPO-NPO/run_sdxl.sh --beta_dpo 2000; train_sdxl.py keeps the ½"),
-    "sd15_kto": (5000, "METHODS.md's paper value; KTO has no ½"),
+    "sd15_kto": (
+        1000,
+        "jacklishufan/diffusion-kto train_kto_sd_v1.5.py default beta_dpo 1000 (exps/example.sh "
+        "does not set it); KTO has no ½",
+    ),  # fmt: skip
     "sd15_kto_lora": (5000, "diffalign variant; β as METHODS.md records the paper (5000), KTO has no ½"),
     "sd15_tkto": (5000, "TKTO on the Diffusion-KTO paper value as METHODS.md records it; TPO's own not checked"),
     "sd15_tdpo": (5000, "TDPO on the Diffusion-DPO official launcher value; TPO's own not checked"),
