@@ -173,6 +173,48 @@ def test_encode_prompts_match_stock_pipeline(case, backbone):
         torch.testing.assert_close(embeds[key], value, rtol=0, atol=0)
 
 
+@per_family
+def test_unconditional_embeddings_follow_the_stock_pipeline(case, backbone):
+    """CFG's unconditional input: SDXL zeros everything (`force_zeros_for_empty_prompt`, default True), SD and SD3
+    encode "" — compared with what each stock pipeline's `encode_prompt` builds without a negative prompt."""
+    name, path = case
+    uncond = backbone.unconditional_embeddings()
+    empty = backbone.encode_prompts([""])
+    assert uncond.keys() == empty.keys()
+    pipe = CASES[name][2].from_pretrained(path)
+    with torch.no_grad():
+        if name == "sd":
+            expected = {"prompt_embeds": pipe.encode_prompt(["x"], "cpu", 1, True)[1]}
+        else:
+            extra = [None, None] if name == "sd3" else []
+            out = pipe.encode_prompt(["x"], *extra, device="cpu", do_classifier_free_guidance=True)
+            expected = {"prompt_embeds": out[1], "pooled_prompt_embeds": out[3]}
+    for key, value in expected.items():
+        torch.testing.assert_close(uncond[key], value, rtol=0, atol=0)
+    if name == "sdxl":
+        assert backbone.force_zeros_for_empty_prompt
+        assert all(v.shape == empty[k].shape and not v.any() for k, v in uncond.items())
+        assert empty["prompt_embeds"].abs().sum() > 0  # so "zeros" is a real difference from encoding ""
+    else:
+        assert not backbone.force_zeros_for_empty_prompt
+        assert all(torch.equal(v, empty[k]) for k, v in uncond.items())
+
+
+def test_sdxl_force_zeros_false_in_the_folder_encodes_empty(tiny_sdxl_path, tmp_path):
+    """A model folder that sets `force_zeros_for_empty_prompt: false` (e.g. SDXL refiner-style configs) is honoured."""
+    import json
+    import shutil
+
+    folder = shutil.copytree(tiny_sdxl_path, tmp_path / "sdxl")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["force_zeros_for_empty_prompt"] = False
+    (folder / "model_index.json").write_text(json.dumps(index))
+    backbone = load_backbone(folder)
+    assert not backbone.force_zeros_for_empty_prompt
+    uncond, empty = backbone.unconditional_embeddings(), backbone.encode_prompts([""])
+    assert all(torch.equal(v, empty[k]) for k, v in uncond.items())
+
+
 def test_sd3_t5_tokens_and_zero_padding(tiny_sd3_path, tmp_path):
     with_t5 = load_backbone(tiny_sd3_path).encode_prompts(PROMPTS)["prompt_embeds"]
     assert with_t5[:, 16:].abs().sum() > 0  # T5 tokens

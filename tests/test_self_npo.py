@@ -159,6 +159,29 @@ def test_guided_teacher_and_defaults(tiny_sd_path, captions_txt, tmp_path):
     assert torch.equal(unconditional, pred_u)
 
 
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_teacher_unconditional_branch_follows_the_pipeline(family, request, captions_txt, tmp_path):
+    """The released SDXL code (Self-NPO/train_xl.py) feeds all-zero prompt and pooled embeddings to pred_u (SDXL's
+    `force_zeros_for_empty_prompt`); the SD1.5 code (train.py) encodes "". The teacher gets exactly that."""
+    model = request.getfixturevalue(f"tiny_{family}_path")
+    trainer = SelfNPOTrainer(_cfg(model, captions_txt, tmp_path, guidance_weight=-5.0))
+    trainer.setup()
+    seen = []
+    original = trainer.guided_teacher
+    trainer.guided_teacher = lambda cond, uncond: seen.append(uncond) or original(cond, uncond)
+    batch = {"caption": CAPTIONS[:2]}
+    trainer.compute_loss(batch, [torch.Generator().manual_seed(i) for i in range(2)])
+    (uncond,) = seen
+    empty = trainer.backbone.encode_prompts([""])
+    text_keys = set(empty)
+    if family == "sdxl":
+        assert text_keys == {"prompt_embeds", "pooled_prompt_embeds"}
+        assert all(uncond[k].shape == (2, *empty[k].shape[1:]) and not uncond[k].any() for k in text_keys)
+        assert uncond["time_ids"].shape == (2, 6)  # micro-conditioning kept, as in train_xl.py
+    else:
+        assert all(torch.equal(uncond[k], empty[k].expand(2, *empty[k].shape[1:])) for k in text_keys)
+
+
 def test_resolve_start(captions_txt, images_parquet):
     assert resolve_start("auto", captions_txt, "image") == "noise"
     assert resolve_start("auto", images_parquet, "image") == "image"

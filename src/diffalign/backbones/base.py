@@ -65,6 +65,12 @@ class Backbone(ABC):
         """Text conditioning for `prompts`; every tensor has batch dim first (`[N, ...]`) so it can be cached,
         indexed and concatenated. `""` is the unconditional prompt."""
 
+    @torch.no_grad()
+    def unconditional_embeddings(self) -> dict[str, torch.Tensor]:
+        """The text conditioning of CFG's unconditional branch, batch 1, as the model's own pipeline builds it when
+        no negative prompt is given: `encode_prompts([""])` unless the backbone overrides it."""
+        return self.encode_prompts([""])
+
     @abstractmethod
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """`pixels` in [-1, 1], `[N, 3, H, W]` → latents scaled for the denoiser (`[N, C, H/f, W/f]`)."""
@@ -345,6 +351,22 @@ class PipelineBackbone(Backbone):
     @property
     def latent_channels(self) -> int:
         return self.vae.config.latent_channels
+
+    @property
+    def force_zeros_for_empty_prompt(self) -> bool:
+        """The pipeline's `force_zeros_for_empty_prompt` config (SDXL: from `model_index.json`, default `True`);
+        `False` for pipelines without that option (SD1.x/2.x, SD3), which encode `""`."""
+        return bool(self.pipeline_init_kwargs.get("force_zeros_for_empty_prompt", False))
+
+    @torch.no_grad()
+    def unconditional_embeddings(self) -> dict[str, torch.Tensor]:
+        """CFG's unconditional conditioning by the pipeline's own rule: all zeros (every tensor, pooled included)
+        when `force_zeros_for_empty_prompt` is set, as `StableDiffusionXLPipeline.encode_prompt` does without a
+        negative prompt; otherwise the encoded empty prompt `""`."""
+        empty = self.encode_prompts([""])
+        if self.force_zeros_for_empty_prompt:
+            return {k: torch.zeros_like(v) for k, v in empty.items()}
+        return empty
 
     # ---- VAE -----------------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -202,6 +202,12 @@ class UnpairedImages(KeyedDataset):
         self._desirable = np.asarray(desirable, dtype=bool)
         self._cells = table.select_columns([self.caption_column, self.image_column])
 
+    @property
+    def desirable_flags(self) -> np.ndarray:
+        """The `desirable` flag of every item, in index order (bool `[len(self)]`; the KTO weighted sampler's
+        classes)."""
+        return self._desirable
+
     def sample(self, index: int) -> Sample:
         row = int(self._index[index])
         cells = self._cells[row]

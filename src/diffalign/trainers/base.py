@@ -95,6 +95,11 @@ class Trainer(ABC):
         `compute_loss`: where a method computes statistics over the whole step (KTO's reference point)."""
         return None
 
+    def make_sampler(self, start: int) -> StepBatchSampler:
+        """This process's data order from micro-step `start` on (`trainers.sampling`); KTO may weight it."""
+        cfg, acc, n = self.config, self.accelerator, len(self.dataset)
+        return StepBatchSampler(n, cfg.batch_size, cfg.seed, start, acc.num_processes, acc.process_index)
+
     def build_dataset_from(self, data: str) -> Dataset:
         """The method's dataset over another table (held-out validation data), built as `build_dataset` builds the
         training one."""
@@ -364,14 +369,7 @@ class Trainer(ABC):
                 init_trackers(acc, cfg.tracker_project_name, cfg.model_dump(mode="json"), cfg.to_yaml())
 
         ga = cfg.gradient_accumulation_steps
-        sampler = StepBatchSampler(
-            len(self.dataset),
-            cfg.batch_size,
-            cfg.seed,
-            self.global_step * ga + self.stream_offset,
-            acc.num_processes,
-            acc.process_index,
-        )
+        sampler = self.make_sampler(self.global_step * ga + self.stream_offset)
         loader = DataLoader(
             self.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.dataloader_num_workers
         )

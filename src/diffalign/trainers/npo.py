@@ -20,9 +20,10 @@ from diffalign.trainers.dpo import DPOConfig, DPOTrainer
 class NPOConfig(DPOConfig):
     """Diffusion-NPO: DPO on reversed pairs, producing a negative LoRA offset δ.
 
-    Released recipe (SD1.5): LoRA rank 8, β = 500 in the diffusers convention (no ½), lr 5e-6 constant, batch 64,
-    2000 steps. β convention here is the official DPO one (with the ½, see `objectives.dpo_loss`), so the released
-    β = 500 is **β = 1000** here (β_here = 2 · β_diffusers). The SDXL launcher uses β_diffusers = 2000 → 4000 here.
+    Released recipe (SD1.5): LoRA rank 8, β = 500, lr 5e-6 constant, batch 64, 2000 steps. β convention here is
+    the official DPO one (with the ½, see `objectives.dpo_loss`). The two released scripts differ: the SD1.5 one
+    (`DPO-DPO-NPO/train_sd15.py`) computes `−logσ(β·((r_w − r_l) − (m_w − m_l)))` without the ½, so its β = 500 is
+    **β = 1000** here; the SDXL one (`train_sdxl.py`) keeps `−½·β`, so its β = 2000 is **β = 2000** here.
     """
 
     beta: float = Field(

@@ -8,7 +8,7 @@ and timesteps as 4 accumulated batches of 1.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import Sampler
@@ -54,6 +54,47 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
 
     def __len__(self) -> int:  # infinite stream; DataLoader only needs this for progress estimates
         return 2**62
+
+
+class WeightedStepBatchSampler(StepBatchSampler):
+    """`StepBatchSampler`'s stream, but each position draws its sample at random: desirable with probability
+    `desirable_ratio`, then an index uniformly within that class (with replacement, so the official Diffusion-KTO
+    `WeightedRandomSampler(weights, len(weights))` with class weights `p/N_D`, `(1 − p)/N_U` has the same law).
+
+    Both draws come from a generator keyed by `(seed, position)` alone, so a position always yields the same key:
+    resume, any batch × accumulation × processes layout and DataLoader workers see the same samples as the plain
+    sampler's stream would. The key's epoch is `position // len(labels)` (it seeds the sample's crop/flip).
+
+    Args:
+        desirable (`Sequence[bool]`): per-sample flag of the dataset (index order).
+        desirable_ratio (`float`): p, in (0, 1).
+        batch_size, seed, start, num_processes, process_index: as for `StepBatchSampler`.
+    """
+
+    def __init__(
+        self,
+        desirable: Sequence[bool],
+        desirable_ratio: float,
+        batch_size: int,
+        seed: int,
+        start: int = 0,
+        num_processes: int = 1,
+        process_index: int = 0,
+    ):
+        super().__init__(len(desirable), batch_size, seed, start, num_processes, process_index)
+        flags = torch.as_tensor(list(desirable), dtype=torch.bool)
+        self.classes = (torch.nonzero(~flags).flatten(), torch.nonzero(flags).flatten())  # (undesirable, desirable)
+        if not 0 < desirable_ratio < 1:
+            raise ValueError(f"`desirable_ratio` must be in (0, 1) or null, got {desirable_ratio}")
+        if min(len(c) for c in self.classes) == 0:
+            counts = f"{len(self.classes[1])} desirable and {len(self.classes[0])} undesirable"
+            raise ValueError(f"`desirable_ratio` needs both kinds of samples; the data has {counts}")
+        self.desirable_ratio = desirable_ratio
+
+    def _key(self, position: int) -> tuple[int, int]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_033 + 104_729 * position + 17)
+        pool = self.classes[int(torch.rand(1, generator=gen) < self.desirable_ratio)]
+        return position // self.n, int(pool[torch.randint(len(pool), (1,), generator=gen)])
 
 
 def stream_positions(micro_step: int, batch_size: int, num_processes: int = 1, process_index: int = 0) -> list[int]:

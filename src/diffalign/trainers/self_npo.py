@@ -9,8 +9,10 @@ x_t = α_t·x0 + σ_t·ε, nsr_t = σ_t / α_t):
    at τ_k. With pure noise, x = ε at the top of the grid and the teacher first samples its own way down to τ_k.
 2. teacher chain (θ̄ = EMA of the student, no grad): K DDIM steps (K = 5) τ_k → τ_{k−K}, i.e. down to
    t' = τ_max(k−K, −1), each with the guided prediction `pred_c + w·(pred_c − pred_u)`; w = −1 (SD1.5: purely
-   unconditional), w = −5 (SDXL: guided AWAY from the prompt). DDIM step: x_prev = α_prev·x̂0 + σ_prev·ε̂, which for
-   rectified flow (α = 1 − σ) is exactly the Euler step x + (σ_prev − σ)·v.
+   unconditional), w = −5 (SDXL: guided AWAY from the prompt). pred_u takes the backbone's
+   `unconditional_embeddings()`: all zeros for SDXL (the pipeline's `force_zeros_for_empty_prompt`, as the released
+   SDXL code), the encoded "" for SD1.5 and SD3. DDIM step: x_prev = α_prev·x̂0 + σ_prev·ε̂, which for rectified
+   flow (α = 1 − σ) is exactly the Euler step x + (σ_prev − σ)·v.
 3. target = the teacher's guided x0 estimate at (x_t', t').
 4. re-noise FROM x_t' to s > t':  x_s = α_s·(x_t'/α_t' + sqrt(nsr_s² − nsr_t'²)·ε'), written as
    (α_s/α_t')·x_t' + sqrt(σ_s² − α_s²·nsr_t'²)·ε' so σ_s → 1 (flow) stays finite. If x_t' ~ N(α_t'·x0, σ_t'²) then
@@ -129,6 +131,9 @@ class SelfNPOTrainer(Trainer):
         w = self.config.guidance_weight
         self.guidance_weight = DEFAULT_GUIDANCE[self.backbone.family] if w is None else w
         self.grid = truncation_grid(self.backbone, self.config.num_grid_steps).to(self.accelerator.device)
+        # the teacher's pred_u takes the pipeline's own unconditional input: zeros for SDXL
+        # (force_zeros_for_empty_prompt, as the released train_xl.py), the encoded "" for SD1.5 (as train.py) and SD3
+        self.uncond_text = self.backbone.unconditional_embeddings()
         logger.info("self-npo: start=%s, teacher w=%g, grid %s", self.start, self.guidance_weight, self.grid.tolist())
 
     def build_dataset(self):
@@ -149,7 +154,7 @@ class SelfNPOTrainer(Trainer):
     def compute_loss(self, batch: dict, generators: list[torch.Generator]) -> tuple[torch.Tensor, dict]:
         cfg, n = self.config, len(generators)
         cond = self.condition(batch, self.text_embeddings(batch, generators))
-        uncond = self.condition(batch, {k: v.expand(n, *v.shape[1:]) for k, v in self.empty_text().items()})
+        uncond = self.condition(batch, {k: v.expand(n, *v.shape[1:]) for k, v in self.uncond_text.items()})
         k = torch.cat([torch.randint(0, cfg.num_grid_steps, (1,), generator=g) for g in generators])
         end = k - cfg.truncation_steps  # grid index of t' (−1 … means t' = 0)
         x, first = self.chain_start(batch, generators, k)
