@@ -43,6 +43,7 @@ from diffalign.trainers.distributed import (
 from diffalign.trainers.hardware import FROZEN_DTYPES, build_optimizer, resolve_mixed_precision, resolve_optimizer
 from diffalign.trainers.preemption import Preempted, stop_on_signals
 from diffalign.trainers.sampling import StepBatchSampler, sample_generators, stream_positions
+from diffalign.trainers.sharding import all_finite, check_sharded_run, first_non_finite, shard_reference
 from diffalign.trainers.tracking import init_trackers
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class Trainer(ABC):
         self.output_dir = Path(config.output_dir)
         self.callbacks = list(callbacks or [])
         self.global_step = 0
+        self.sharded = False  # FSDP / ZeRO (set up by `setup`)
         self.skipped_samples = 0  # over all processes and the whole run (restored on resume)
         self.nonfinite_steps = 0
         self._nonfinite_run = 0
@@ -216,7 +218,9 @@ class Trainer(ABC):
         check_world_size(self.accelerator)
         self.distributed_type = engine_name(self.accelerator.distributed_type)
         check_engine(self.distributed_type, lora=cfg.lora_rank > 0)
-        self._sharded = self.distributed_type in ("FSDP", "DEEPSPEED")
+        self.sharded = self.distributed_type in ("FSDP", "DEEPSPEED")
+        if self.sharded:
+            check_sharded_run(self.accelerator, self.distributed_type, cfg)
         if cfg.push_to_hub:
             _check_hub_target(cfg)
         set_seed(cfg.seed)
@@ -264,6 +268,10 @@ class Trainer(ABC):
         if self.distributed_type == "DEEPSPEED":  # no DataLoader goes through prepare(): tell DeepSpeed the batch
             self.accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
         self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(self.denoiser, optimizer, scheduler)
+        if self.sharded:  # the engine replaced the parameters with shards: clip, check and EMA those
+            self.params = [p for p in self.model.parameters() if p.requires_grad]
+            if self.ref_copy is not None:
+                self.ref_copy = shard_reference(self.accelerator, self.distributed_type, self.ref_copy)
         self._register_checkpoint_hooks()
         if cfg.ema_decay:
             self.callbacks.append(EMACallback(cfg.ema_decay))
@@ -506,8 +514,12 @@ class Trainer(ABC):
         )
 
     def _check_weights_finite(self, what: str) -> None:
-        """Never write exploded weights: a non-finite trainable weight stops the run before the save."""
-        bad = next((n for n, p in self._named_trainable() if not torch.isfinite(p).all()), None)
+        """Never write exploded weights: a non-finite trainable weight stops the run before the save (on every
+        rank: under sharding each checks its shard and they agree)."""
+        bad = first_non_finite(self._named_trainable())
+        if self.sharded:
+            anywhere = self.accelerator.reduce(torch.tensor(float(bad is not None), device=self.accelerator.device))
+            bad = bad or ("a sharded weight" if float(anywhere) > 0 else None)
         if bad is not None:
             self._finish_trackers()
             found = ckpt.list_checkpoints(self.output_dir)
@@ -521,8 +533,7 @@ class Trainer(ABC):
         them: all ranks agree). Finite gradients whose squares overflow would turn Adam's second moment into inf and
         every later update into 0 (a run at β = 1e38 "trained" without moving), so they count as non-finite too.
         With clipping, the clip's total norm is checked instead (clipped gradients cannot overflow Adam)."""
-        squares = [p.grad.float().pow(2).sum() for p in self.params if p.grad is not None]
-        return not squares or bool(torch.isfinite(torch.stack(squares).sum()))
+        return all_finite(self.accelerator, [p.grad for p in self.params if p.grad is not None], self.sharded)
 
     def _count_nonfinite(self, applied: bool) -> None:
         """A step whose loss or gradients were not finite is skipped (weights unchanged) and counted; after
@@ -604,10 +615,10 @@ class Trainer(ABC):
         acc.wait_for_everyone()
         try:
             acc.save_state(str(tmp))
-            acc.wait_for_everyone()  # every rank has written its RNG state into tmp before rank 0 renames it
+            for cb in self.callbacks:
+                cb.on_save(self, tmp)
+            acc.wait_for_everyone()  # every rank has written its files into tmp before rank 0 renames it
             if acc.is_main_process:
-                for cb in self.callbacks:
-                    cb.on_save(self, tmp)
                 ckpt.finalize(tmp, final, {**state, **self._layout()})
         except OSError as err:
             self._checkpoint_write_failed(tmp, err)
@@ -638,17 +649,18 @@ class Trainer(ABC):
         self._check_weights_finite("final/")
         acc.wait_for_everyone()
         final = self.output_dir / "final"
-        # FSDP / ZeRO-3 hold shards: every rank takes part in gathering the full state dict, the main process writes
-        gathered = acc.get_state_dict(self.model) if self._sharded else None
-        if acc.is_main_process:
-            final.mkdir(parents=True, exist_ok=True)
-            with self._final_weights():
+        with self._final_weights():  # every rank swaps in its (part of the) EMA weights
+            # FSDP / ZeRO-3 hold shards: every rank takes part in gathering the full state dict, the main one writes
+            gathered = acc.get_state_dict(self.model) if self.sharded else None
+            if acc.is_main_process:
+                final.mkdir(parents=True, exist_ok=True)
                 if gathered is not None:
                     self._save_gathered(final, gathered)
                 elif self.config.lora_rank > 0:
                     self.backbone.save_lora(final, denoiser=acc.unwrap_model(self.model))
                 else:
                     self.backbone.save_full(final, denoiser=acc.unwrap_model(self.model))
+        if acc.is_main_process:
             (final / "config.yaml").write_text(self.config.to_yaml())
             (final / "run.json").write_text(json.dumps({"method": self.method, "step": self.global_step}))
             if self.config.push_to_hub:
@@ -666,7 +678,11 @@ class Trainer(ABC):
 
         folder = final / self.backbone.denoiser_subfolder
         folder.mkdir(parents=True, exist_ok=True)
-        self.accelerator.unwrap_model(self.model).save_config(folder)
+        model = self.accelerator.unwrap_model(self.model)
+        model.save_config(folder)
+        stock = next(c for c in type(model).__mro__ if not c.__name__.startswith("FSDP"))  # FSDP2 renames the class
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "_class_name": stock.__name__}, indent=2))
         state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         save_torch_state_dict(state, folder, filename_pattern="diffusion_pytorch_model{suffix}.safetensors")
         return folder

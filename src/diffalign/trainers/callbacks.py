@@ -20,6 +20,7 @@ class TrainerLike(Protocol):
     backbone: Any
     model: torch.nn.Module
     params: list[torch.nn.Parameter]
+    sharded: bool  # FSDP / ZeRO: `params` are this process's shards
     output_dir: Path
     reference_model: torch.nn.Module
 
@@ -37,7 +38,9 @@ class Callback:
 
     def on_step_end(self, trainer: TrainerLike, step: int) -> None: ...
 
-    def on_save(self, trainer: TrainerLike, checkpoint_dir: Path) -> None: ...
+    def on_save(self, trainer: TrainerLike, checkpoint_dir: Path) -> None:
+        """Called on every process before the checkpoint folder is renamed into place: write per-process files, or
+        shared ones from the main process only."""
 
     def on_resume(self, trainer: TrainerLike, checkpoint_dir: Path) -> None: ...
 
@@ -58,10 +61,23 @@ class EMACallback(Callback):
         self.ema.step(trainer.params)
 
     def on_save(self, trainer: TrainerLike, checkpoint_dir: Path) -> None:
-        torch.save(self.ema.state_dict(), checkpoint_dir / "ema.pt")
+        acc = trainer.accelerator
+        if trainer.sharded:  # each process holds the EMA of its own shards
+            state = {**self.ema.state_dict(), "shadow_params": [_local(p).clone() for p in self.ema.shadow_params]}
+            torch.save(state, checkpoint_dir / f"ema-rank{acc.process_index}.pt")
+        elif acc.is_main_process:
+            torch.save(self.ema.state_dict(), checkpoint_dir / "ema.pt")
 
     def on_resume(self, trainer: TrainerLike, checkpoint_dir: Path) -> None:
-        self.ema.load_state_dict(torch.load(checkpoint_dir / "ema.pt", weights_only=True))
+        if not trainer.sharded:
+            self.ema.load_state_dict(torch.load(checkpoint_dir / "ema.pt", weights_only=True))
+            return
+        state = torch.load(checkpoint_dir / f"ema-rank{trainer.accelerator.process_index}.pt", weights_only=True)
+        saved = state.pop("shadow_params")
+        self.ema.load_state_dict({**state, "shadow_params": self.ema.shadow_params})
+        with torch.no_grad():
+            for shadow, value in zip(self.ema.shadow_params, saved):
+                _local(shadow).copy_(value)
 
     @contextmanager
     def swapped(self, params: list[torch.nn.Parameter]):
@@ -71,6 +87,11 @@ class EMACallback(Callback):
             yield
         finally:
             self.ema.restore(params)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a sharded tensor (a DTensor under FSDP2), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class ValidationCallback(Callback):
