@@ -227,6 +227,27 @@ def run_comparison(script: Path, model: Path, data: Path, out: Path, case: dict,
     return {"diffalign_wall": ours, "diffusers": theirs}
 
 
+def engine_check(engine: str, model: Path, data: Path, out: Path) -> dict:
+    """Full fine-tune under a sharding engine on one GPU, as a user launches it: 2 steps with a checkpoint, a
+    resume to 3, and `final/unet` loaded by stock diffusers. (FSDP2 is also tested on CPU processes in
+    tests/test_fsdp.py; DeepSpeed runs only here.)"""
+    config = ROOT / "src" / "diffalign" / "configs" / "accelerate" / f"{engine}.yaml"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "1",
+              "-m", "diffalign", "train", "dpo", "--model", str(model), "--data", str(data / "train-0.parquet"),
+              "--output_dir", str(out), "--resolution", "512", "--batch_size", "2", "--lora_rank", "0",
+              "--mixed_precision", "bf16", "--learning_rate", "1e-6", "--checkpointing_steps", "2",
+              "--gradient_checkpointing", "true", "--optimizer", "adamw"]  # fmt: skip
+    for steps, extra in ((2, []), (3, ["--resume", "latest"])):
+        run = subprocess.run([*launch, "--max_steps", str(steps), *extra], capture_output=True, text=True, timeout=300)
+        if run.returncode != 0:
+            return {"engine": engine, "error": run.stderr.strip().splitlines()[-1][:200]}
+    from diffusers import UNet2DConditionModel
+
+    UNet2DConditionModel.from_pretrained(out / "final" / "unet")
+    times = [json.loads(line)["sec_per_step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"engine": engine, "ok": "2 steps, checkpoint, resume to 3, final/unet loads", "last_s": times[-1]}
+
+
 def cases(smoke: bool) -> list[dict]:
     """Ordered by importance: SD1.5 LoRA first (with the diffusers comparison), then SDXL, full, checkpointing."""
     base = {"precision": "bf16", "attention": "sdpa", "grad_ckpt": False, "warmup": 2}
@@ -284,6 +305,7 @@ def main() -> None:
     parser.add_argument("--compare-steps", type=int, default=12, help="steps of each tool's timed process")
     parser.add_argument("--cases", default=None, help="comma list of case indices to run (default: all)")
     parser.add_argument("--diffusers-script", default=str(ROOT / ".devcarry" / "train_diffusion_dpo.py"))
+    parser.add_argument("--engines", default="fsdp,deepspeed_zero3", help="configs/accelerate/NAME.yaml to check")
     args = parser.parse_args()
     start = time.perf_counter()
     out, work = Path(args.out), Path(args.work)
@@ -323,6 +345,17 @@ def main() -> None:
                 row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
         rows.append(row)
         write_results(out, rows, env)
+    if args.engines and not args.smoke:
+        checks = []
+        model = make_model("sd15", work / "sd15", device)
+        data = make_pairs(work / "data_engines", 8, 512)
+        for engine in args.engines.split(","):
+            try:
+                checks.append(engine_check(engine, model, data, work / "engines" / engine))
+            except Exception as err:
+                checks.append({"engine": engine, "error": f"{type(err).__name__}: {str(err)[:200]}"})
+            (out / "bench_engines.json").write_text(json.dumps(checks, indent=2))
+            print(checks[-1], flush=True)
     print(f"total {time.perf_counter() - start:.0f} s", flush=True)
 
 
