@@ -221,3 +221,32 @@ def test_resume_on_another_world_size_after_uneven_skips_is_refused():
         ConfigError, match=r"cannot resume 'ckpt' on 1 processes: .* \(offsets \[1, 0\]\).*resume on 2 processes"
     ):
         Trainer._restore_counters(me, {"stream_offsets": [1, 0]}, "ckpt")
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("random_states_0.pkl", r"random_states_0.pkl changed since it was saved \(sha256 differs\)"),
+    ("trainable.safetensors", r"trainable.safetensors has 10 bytes, \d+ were saved"),
+])  # fmt: skip
+def test_a_damaged_checkpoint_is_refused_naming_the_file(damage, message, tiny_sd_path, tmp_path):
+    """accelerate skips an unreadable RNG-state file with an info line; the manifest written at save catches it."""
+    import scale_cases
+
+    data = scale_cases.write_data(tmp_path / "data")["dpo"]
+    scale_cases.run("dpo", tiny_sd_path, data, tmp_path / "out", 2, 1, max_steps=2, checkpointing_steps=1)
+    target = tmp_path / "out" / "checkpoint-2" / damage
+    size = target.stat().st_size
+    target.write_bytes(b"\0" * size if damage.endswith(".pkl") else b"0123456789")
+    with pytest.raises(ConfigError, match=rf"checkpoint .*checkpoint-2' is damaged: {message}; resume from an "
+                                          r"earlier checkpoint \(.*checkpoint-1\)"):  # fmt: skip
+        scale_cases.run("dpo", tiny_sd_path, data, tmp_path / "out", 2, 1, max_steps=3, resume="latest")
+
+
+def test_a_table_left_empty_by_filtering_is_one_line_exit_2(tmp_path):
+    tie = {"caption": "a red square", "jpg_0": _jpeg(), "jpg_1": _jpeg(), "label_0": 0.5, "label_1": 0.5}
+    pd.DataFrame([tie, tie]).to_parquet(tmp_path / "ties.parquet")
+    run = subprocess.run([sys.executable, "-m", "diffalign", "train", "dpo", "--model", "toy", "--data",
+                          str(tmp_path / "ties.parquet"), "--output_dir", str(tmp_path / "out"), "--max_steps", "1"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    last = run.stderr.strip().splitlines()[-1]  # above it: the model's loading bars
+    assert last.startswith("error: no training samples left in") and "ties_dropped=2" in last

@@ -289,6 +289,11 @@ class Trainer(ABC):
             cb.on_setup(self)
 
         self.dataset = self.build_dataset()
+        if len(self.dataset) == 0:
+            stats = getattr(self.dataset, "stats", None)
+            raise DataError(
+                f"no training samples left in {cfg.data!r} after filtering" + (f" ({_counts(stats)})" if stats else "")
+            )
         if cfg.cache_latents:
             from diffalign.data.cache import encode_with_cache
 
@@ -360,6 +365,7 @@ class Trainer(ABC):
         if resume_from is not None:
             state = ckpt.read_state(resume_from)
             ckpt.check_layout(state, self._layout(), resume_from)
+            ckpt.verify(resume_from)
             acc.load_state(str(resume_from))
             self.global_step = state["step"]
             self._restore_counters(state, resume_from)
@@ -727,6 +733,10 @@ def _unusable_message(dataset, source: str) -> str:
     )
     where = f", first seen at row {first[0]}, column {first[1]!r}" if first else ""
     return f"0 of {n} rows of {source!r} usable: every sample has an undecodable image{where}"
+
+
+def _counts(stats: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in stats.items())
 
 
 def _bcast(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

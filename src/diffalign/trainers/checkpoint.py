@@ -9,6 +9,8 @@ from pathlib import Path
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "manifest.json"
+HASHED_BELOW = 256 * 2**20  # files smaller than this (RNG states, scheduler, LoRA weights) are hashed; all are sized
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -68,8 +70,9 @@ def check_layout(state: dict, now: dict, path: Path) -> None:
 
 
 def finalize(tmp_dir: Path, final_dir: Path, state: dict) -> Path:
-    """Write the state file last and rename `tmp_dir` into place, so a crash mid-save never leaves a checkpoint
-    that `latest` would pick."""
+    """Write the manifest, then the state file last, and rename `tmp_dir` into place, so a crash mid-save never
+    leaves a checkpoint that `latest` would pick."""
+    (tmp_dir / MANIFEST_FILE).write_text(json.dumps(manifest(tmp_dir), indent=1))
     (tmp_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
     if final_dir.exists():
         shutil.rmtree(final_dir)
@@ -145,3 +148,47 @@ def load_initial_weights(denoiser, source: str | Path, lora_rank: int, lora_alph
             f"{missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}); use the same `model`"
         )
     return f"weights of the {what}"
+
+
+def manifest(folder: Path) -> dict[str, dict]:
+    """`{relative path: {"bytes": n, "sha256": hex}}` of every file in `folder` (sha256 only below
+    `HASHED_BELOW`: hashing a 30 GB sharded SDXL checkpoint on every save would cost minutes)."""
+    import hashlib
+
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = path.relative_to(folder).as_posix()
+        if name in (MANIFEST_FILE, STATE_FILE):
+            continue
+        entry = {"bytes": path.stat().st_size}
+        if entry["bytes"] < HASHED_BELOW:
+            entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        files[name] = entry
+    return files
+
+
+def verify(path: Path) -> None:
+    """Refuse to resume from a damaged checkpoint (a file missing, truncated or altered since it was saved) with one
+    line naming the file — accelerate would otherwise skip an unreadable RNG-state file with an info message.
+    Checkpoints written before manifests existed are accepted as they are."""
+    from diffalign.config import ConfigError
+
+    recorded_file = path / MANIFEST_FILE
+    if not recorded_file.is_file():
+        return
+    recorded, now = json.loads(recorded_file.read_text()), manifest(path)
+    for name, entry in recorded.items():
+        found = now.get(name)
+        problem = (
+            "is missing"
+            if found is None
+            else f"has {found['bytes']} bytes, {entry['bytes']} were saved"
+            if found["bytes"] != entry["bytes"]
+            else "changed since it was saved (sha256 differs)"
+            if found.get("sha256") != entry.get("sha256")
+            else None
+        )
+        if problem:
+            earlier = [p for p in list_checkpoints(path.parent) if p != path]
+            hint = f"resume from an earlier checkpoint ({earlier[-1]})" if earlier else "start a new run"
+            raise ConfigError(f"checkpoint {str(path)!r} is damaged: {name} {problem}; {hint}")
