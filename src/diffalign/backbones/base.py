@@ -311,8 +311,8 @@ class PipelineBackbone(Backbone):
         path = resolve_model_path(path_or_id)
         config = cls.pipeline_class.load_config(path)
         absent = {k: None for k, v in config.items() if isinstance(v, (list, tuple)) and list(v) == [None, None]}
-        # fp32 master weights for the denoiser; the VAE loads in fp32 too and `to()` casts it down only when its
-        # config allows half precision (no `force_upcast`)
+        # fp32 master weights for the denoiser; the VAE loads in fp32 too and `to()` casts it down unless it is
+        # flagged `force_upcast` and the precision is fp16
         full = {cls.denoiser_subfolder: torch.float32, "vae": torch.float32}
         dtype = frozen_dtype if frozen_dtype == torch.float32 else {"default": frozen_dtype, **full}
         pipe = cls.pipeline_class.from_pretrained(
@@ -334,8 +334,11 @@ class PipelineBackbone(Backbone):
         return {k: v for k, v in self.components.items() if isinstance(v, nn.Module) and k != self.denoiser_subfolder}
 
     def _vae_dtype(self, frozen_dtype: torch.dtype) -> torch.dtype:
-        # VAEs flagged `force_upcast` (SD, SDXL) overflow in half precision: keep them in fp32
-        return torch.float32 if self.vae.config.get("force_upcast", False) else frozen_dtype
+        # VAEs flagged `force_upcast` (SD, SDXL) overflow in fp16's range: keep them in fp32 there. bf16 has fp32's
+        # range, so they run in bf16 (the stock pipelines' rule: upcast only when the VAE is float16; the diffusers
+        # DPO script runs the SD1.5 VAE in the weight dtype too)
+        upcast = self.vae.config.get("force_upcast", False) and frozen_dtype == torch.float16
+        return torch.float32 if upcast else frozen_dtype
 
     def to(self, device: torch.device | str, frozen_dtype: torch.dtype | None = None) -> PipelineBackbone:
         device = torch.device(device)
