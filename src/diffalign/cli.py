@@ -312,6 +312,11 @@ def export_command(
         typer.echo(f"uploaded: {push(path, push_to_hub, private=private)}")
 
 
+from diffalign.collect.cli import collect_app  # noqa: E402 (typer only; the web stack loads when a command runs)
+
+app.add_typer(collect_app, name="collect")
+
+
 @app.command("env")
 def env_command(as_json: bool = typer.Option(False, "--json", help="print the report as JSON")) -> None:
     """Versions, devices, attention kernels and mixed-precision support: paste it into a bug report."""
