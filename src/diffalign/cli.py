@@ -202,7 +202,7 @@ def invert_command(
     out: Path = typer.Option(Path("inversion"), "--out", help="folder for inverted.safetensors, PNGs, inversion.json"),
     steps: int = typer.Option(50, "--steps", help="sampler / inversion steps"),
     renoise_steps: int | None = typer.Option(
-        None, "--renoise-steps", help="ReNoise iterations K (0 = DDIM; official: 1)"
+        None, "--renoise-steps", help="ReNoise iterations K (official: 1; DDIM: 0 with --lambda-kl 0 --lambda-ac 0)"
     ),
     average_range: str | None = typer.Option(
         None, "--average-range", help="START,END: average iterations START <= i < END, or 'none' (official: 8,10)"
