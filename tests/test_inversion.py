@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,12 +16,15 @@ from typer.testing import CliRunner
 from diffalign.backbones import load_backbone
 from diffalign.cli import app
 from diffalign.inversion import (
+    RENOISE_SD,
+    RENOISE_SDXL,
     SMPO_RENOISE,
     ReNoiseConfig,
     autocorrelation,
     ddim_inverse_step,
     inverse_step,
     invert,
+    paper_renoise,
     patch_kl,
     regularize_noise,
     sample,
@@ -154,6 +158,94 @@ def test_batch_equals_rows_with_stop_at(sd, batch):
         assert torch.allclose(together.latents[i], alone.latents[0], atol=1e-5)
 
 
+def test_per_timestep_iterations_and_windows_by_hand(sd, batch):
+    """Below `early_timestep`: min(K, early max) iterations and the early window; above: K and the late window.
+    The final step is retaken with the mean of the estimates start <= i < end (end exclusive)."""
+    x0, cond = batch
+    cfg = ReNoiseConfig(
+        num_renoise_steps=3,
+        average_range=(2, 4),
+        early_timestep=250,
+        early_max_renoise_steps=1,
+        early_average_range=(0, 5),
+    )
+    schedule = sampling_schedule(sd, 5)  # t = 1, 201 (early), 401, 601, 801
+    ours = invert(sd, x0, cond, schedule, renoise=cfg).latents
+    z = x0.clone()
+    with torch.no_grad():
+        for k, t in enumerate(schedule.timesteps):
+            levels = schedule.alpha_from[k], schedule.sigma_from[k], schedule.alpha_to[k], schedule.sigma_to[k]
+            iterations, window = (1, range(0, 2)) if t < 250 else (3, range(2, 4))
+            z_i, preds = z, []
+            for _ in range(iterations + 1):
+                preds.append(sd.predict(z_i, t.expand(3), cond))
+                z_i = inverse_step(z, preds[-1], *levels)
+            z = inverse_step(z, torch.stack([preds[i] for i in window]).mean(0), *levels)
+    assert torch.allclose(ours, z, atol=1e-5)
+    # a window past the iterations run averages nothing: the official SD late window (8, 10) with K = 1 is plain K = 1
+    late = invert(sd, x0, cond, schedule, renoise=ReNoiseConfig(num_renoise_steps=1, average_range=(8, 10))).latents
+    assert torch.equal(late, invert(sd, x0, cond, schedule, renoise=ReNoiseConfig(num_renoise_steps=1)).latents)
+    # `average_from` is the shorthand for the window (average_from, K + 1) at every step
+    short = ReNoiseConfig(num_renoise_steps=2, average_from=1)
+    assert torch.equal(
+        invert(sd, x0, cond, schedule, renoise=short).latents,
+        invert(sd, x0, cond, schedule, renoise=ReNoiseConfig(num_renoise_steps=2, average_range=(1, 3))).latents,
+    )
+
+
+def test_official_settings_and_the_clean_anchor(sd, batch):
+    """RENOISE_SD is the official SD example; its patch-KL target is the model at the CLEAN latent z0 with the step's
+    t (the official SD pipeline makes `add_noise` the identity), RENOISE_SDXL's at α_t·z0 + σ_t·n."""
+    assert (RENOISE_SD.num_renoise_steps, RENOISE_SD.average_range, RENOISE_SD.early_average_range) == (
+        1,
+        (8, 10),
+        (0, 5),
+    )
+    assert (RENOISE_SD.early_timestep, RENOISE_SD.early_max_renoise_steps, RENOISE_SD.anchor) == (250, 5, "clean")
+    assert (RENOISE_SD.lambda_kl, RENOISE_SD.lambda_ac, RENOISE_SD.regularization_steps) == (0.065, 20.0, 4)
+    assert RENOISE_SD.ac_rolls == 5 and not RENOISE_SD.noise_correction and RENOISE_SDXL.anchor == "noised"
+    assert paper_renoise(sd) is RENOISE_SD
+    x0, cond = batch
+    for anchor in ("clean", "noised"):
+        seen = []
+
+        def predict(x_t, t, c, denoiser=None, seen=seen):
+            seen.append((x_t.clone(), t.clone()))
+            return sd.predict(x_t, t, c)
+
+        spy = type(sd).__new__(type(sd))
+        spy.__dict__.update(sd.__dict__)
+        spy.predict = predict
+        cfg = replace(RENOISE_SD, anchor=anchor, regularization_steps=1)
+        invert(spy, x0, cond, 5, renoise=cfg, generator=torch.Generator().manual_seed(0))
+        # t = 1, 201: the reference, then 2 iterations; t >= 250: 2 iterations and no reference (nothing regularised)
+        assert [int(t[0]) for _, t in seen] == [1, 1, 1, 201, 201, 201, 401, 401, 601, 601, 801, 801]
+        reference = seen[3][0]
+        if anchor == "clean":
+            assert torch.equal(reference, x0)
+        else:
+            alpha, sigma = sd.alpha_sigma(torch.tensor([201]))
+            noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+            assert torch.allclose(reference, alpha * x0 + sigma * noise, atol=1e-6)
+
+
+def test_mixed_early_and_late_rows_land_like_single_rows(sd, batch):
+    x0, cond = batch
+    cfg = ReNoiseConfig(
+        num_renoise_steps=2,
+        average_range=(1, 3),
+        early_timestep=250,
+        early_max_renoise_steps=1,
+        early_average_range=(0, 2),
+    )
+    stop = torch.tensor([150, 700, 240])  # the landing step mixes early (150, 240) and late (700) rows
+    together = invert(sd, x0, cond, 5, renoise=cfg, stop_at=stop, land_on_stop=True)
+    for i in range(3):
+        row = {k: v[i : i + 1] for k, v in cond.items()}
+        alone = invert(sd, x0[i : i + 1], row, 5, renoise=cfg, stop_at=stop[i : i + 1], land_on_stop=True)
+        assert torch.allclose(together.latents[i], alone.latents[0], atol=1e-5)
+
+
 def test_land_on_stop_with_a_known_noise(sd, batch):
     """With a model that always predicts the same ε, inversion is exactly forward noising: z_t = α_t·x0 + σ_t·ε."""
     x0, cond = batch
@@ -230,12 +322,22 @@ def test_noise_correction_reconstructs_exactly_with_eta(sd, batch):
 def test_config_errors():
     with pytest.raises(ValueError, match=r"`average_from` must be in \[0, num_renoise_steps=1\]"):
         ReNoiseConfig(num_renoise_steps=1, average_from=2)
+    with pytest.raises(
+        ValueError, match=r"`average_range` must be \(start, end\) with 0 <= start < end, got \(3, 3\)"
+    ):
+        ReNoiseConfig(num_renoise_steps=1, average_range=(3, 3))
+    with pytest.raises(ValueError, match="`average_from` .* is a shorthand for `average_range`"):
+        ReNoiseConfig(num_renoise_steps=1, average_from=0, average_range=(0, 2))
+    with pytest.raises(ValueError, match="`anchor` must be 'noised' or 'clean', got 'x0'"):
+        ReNoiseConfig(anchor="x0")
     with pytest.raises(ValueError, match="`num_steps` must be >= 1, got 0"):
         sampling_schedule(None, 0)
 
 
 # ---- the toy world -------------------------------------------------------------------------------------------------
 def test_toy_world_reconstruction():
+    """ReNoise against plain DDIM inversion at the same 10 steps on the shipped toy pipeline: relative latent error
+    ‖x̂0 − x0‖²/‖x0‖² after inversion + DDIM sampling, 4 held-out captions rendered exactly."""
     from diffalign.toyworld.sampling import pipeline_path
     from diffalign.toyworld.world import prompts, render
 
@@ -249,13 +351,26 @@ def test_toy_world_reconstruction():
     x0 = toy.encode_images(pixels)
     cond = toy.build_condition(toy.encode_prompts(captions), target_size=(32, 32))
     schedule = sampling_schedule(toy, 10)
+    configs = {
+        "ddim": ReNoiseConfig(),
+        "smpo": SMPO_RENOISE,
+        "k2": ReNoiseConfig(num_renoise_steps=2),
+        "official_sd_iterations": replace(RENOISE_SD, lambda_kl=0.0, lambda_ac=0.0),
+        "official_sd_ac_only": replace(RENOISE_SD, lambda_kl=0.0),
+    }
     errors = {}
-    for name, cfg in {"ddim": ReNoiseConfig(), "smpo": SMPO_RENOISE, "k2": ReNoiseConfig(num_renoise_steps=2)}.items():
-        latents = invert(toy, x0, cond, schedule, renoise=cfg).latents
+    for name, cfg in configs.items():
+        latents = invert(toy, x0, cond, schedule, renoise=cfg, generator=torch.Generator().manual_seed(0)).latents
         errors[name] = float((sample(toy, latents, cond, schedule) - x0).pow(2).mean() / x0.pow(2).mean())
-    # relative latent error, measured: 0.035 (DDIM), 0.013 (K = 1 averaged, SmPO's), 0.00016 (K = 2)
+    # measured: DDIM 0.035, SmPO's K = 1 averaged 0.013, K = 2 0.00016, the official SD iterations (K = 1, averaged
+    # below t = 250 only) 0.0018, the same with the autocorrelation penalty 0.0021
     assert errors["ddim"] < 0.05, errors
     assert errors["smpo"] < 0.6 * errors["ddim"] and errors["k2"] < 0.1 * errors["ddim"], errors
+    assert errors["official_sd_iterations"] < 0.1 * errors["ddim"], errors
+    assert errors["official_sd_ac_only"] < 0.1 * errors["ddim"], errors
+    # the official patch-KL weight diverges on the toy's 8×8 latents (ε̂(z0, t) has std ≈ 0.06): a clear error
+    with pytest.raises(FloatingPointError, match="regularisation diverged .* Lower or zero `lambda_kl`"):
+        invert(toy, x0, cond, schedule, renoise=RENOISE_SD)
 
 
 def _pixels(image: Image.Image) -> torch.Tensor:
@@ -274,6 +389,9 @@ def test_cli_invert(tiny_sd_path, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((out / "inversion.json").read_text())
     assert report["num_steps"] == 4 and report["renoise"]["num_renoise_steps"] == 1
+    official = {"average_range": [8, 10], "early_timestep": 250, "early_max_renoise_steps": 5, "anchor": "clean"}
+    assert {k: report["renoise"][k] for k in official} == official  # unset options: ReNoise's official SD values
+    assert (report["renoise"]["lambda_kl"], report["renoise"]["early_average_range"]) == (0.065, [0, 5])
     assert math.isfinite(report["latent_mse"]) and report["psnr"] > 0
     assert "latent MSE" in result.output
     from safetensors import safe_open
@@ -282,3 +400,23 @@ def test_cli_invert(tiny_sd_path, tmp_path):
         assert f.get_tensor("latents").shape == (1, 4, 8, 8)
         assert json.loads(f.metadata()["prompt"]) == "a red square"
     assert Image.open(out / "reconstruction.png").size == (16, 16)
+
+
+def test_cli_invert_renoise_options(tiny_sd_path, tmp_path):
+    Image.new("RGB", (16, 16), (200, 40, 40)).save(tmp_path / "red.png")
+    base = ["invert", "--model", str(tiny_sd_path), "--image", str(tmp_path / "red.png"), "--prompt", "a red square"]
+    base += ["--steps", "2", "--resolution", "16"]
+    smpo = ["--average-from", "0", "--lambda-kl", "0", "--lambda-ac", "0", "--early-timestep", "0"]
+    result = CliRunner().invoke(app, base + ["--out", str(tmp_path / "smpo")] + smpo)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "smpo" / "inversion.json").read_text())["renoise"]
+    keys = ("num_renoise_steps", "average_from", "average_range", "early_average_range", "early_timestep")
+    assert [report[k] for k in keys] == [1, 0, None, None, 0] and report["lambda_kl"] == report["lambda_ac"] == 0
+    windows = ["--average-range", "none", "--early-average-range", "1,3", "--anchor", "noised", "--renoise-steps", "2"]
+    result = CliRunner().invoke(app, base + ["--out", str(tmp_path / "w")] + windows)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "w" / "inversion.json").read_text())["renoise"]
+    assert (report["average_range"], report["early_average_range"], report["anchor"]) == (None, [1, 3], "noised")
+    bad = CliRunner().invoke(app, base + ["--average-range", "8-10"])
+    message = " ".join(bad.output.replace("│", " ").split())  # the error box wraps lines
+    assert bad.exit_code == 2 and "must be START,END (e.g. 8,10) or none, got '8-10'" in message, message

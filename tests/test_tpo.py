@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from diffalign.config import ConfigError
+from diffalign.objectives import bound_negative_error, dpo_loss
 from diffalign.perturb import RulePerturber, perturb_dataset
 from diffalign.trainers import TDPOTrainer, TKTOTrainer, get_trainer
 from helpers import read_metrics, tiny_config
@@ -198,3 +199,60 @@ def test_tdpo_cached_latents_match_uncached(tiny_sd_path, tpo_jsonl, tmp_path):
         TDPOTrainer(_config(TDPOTrainer, tiny_sd_path, tpo_jsonl, out, cache_latents=cache)).train()
         losses[cache] = [r["loss"] for r in _metrics(out)]
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+# ---- the optional bound on the perturbed-caption term ---------------------------------------------------------------
+def test_negative_clip_exact_values():
+    """m̃ = min(m, (1 + c)·r): active on rows whose policy error grew more than c·r above the reference's, with no
+    gradient there; the identity (gradient 1) everywhere else."""
+    m = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    r = torch.tensor([1.0, 1.5, 2.0])
+    bounded, stats = bound_negative_error(m, r, 0.2)  # caps 1.2, 1.8, 2.4
+    assert bounded.tolist() == pytest.approx([1.0, 1.8, 2.4])
+    bounded.sum().backward()
+    assert m.grad.tolist() == [1.0, 0.0, 0.0]
+    assert stats["negative_clipped"].item() == pytest.approx(2 / 3)
+    assert stats["negative_excess"].item() == pytest.approx((0 + 0.5 / 1.5 + 1.0 / 2.0) / 3)  # before the bound
+    loose, stats = bound_negative_error(m, r, 1.0)  # caps 2, 3, 4: the term has not grown that far, inactive
+    assert torch.equal(loose, m) and stats["negative_clipped"].item() == 0
+    off, stats = bound_negative_error(m, r, None)
+    assert off is m and stats["negative_clipped"].item() == 0
+    # TKTO: only the undesirable (negative) rows are bounded
+    mask = torch.tensor([True, False, False])
+    assert bound_negative_error(m, r, 0.2, negative=mask)[0].tolist() == pytest.approx([1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="`bound` must be >= 0 or None, got -0.1"):
+        bound_negative_error(m, r, -0.1)
+
+
+def test_negative_clip_in_the_tdpo_loss_by_hand():
+    """One pair, β = 1: m_w = r_w = 1, r_l = 2, m_l = 3 (the loser error grew by half). Unbounded:
+    inside = −½((1 − 3) − (1 − 2)) = 0.5; with c = 0.2, m̃_l = 2.4: inside = 0.2, and the loser gives no gradient."""
+    m_w, r_w, r_l = torch.tensor([1.0], requires_grad=True), torch.tensor([1.0]), torch.tensor([2.0])
+    m_l = torch.tensor([3.0], requires_grad=True)
+    loss, _ = dpo_loss(m_w, m_l, r_w, r_l, 1.0)
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-0.5)), abs=1e-6)
+    bounded, _ = bound_negative_error(m_l, r_l, 0.2)
+    loss, _ = dpo_loss(m_w, bounded, r_w, r_l, 1.0)
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-0.2)), abs=1e-6)
+    loss.backward()
+    assert m_l.grad.item() == 0 and m_w.grad.item() == pytest.approx(0.5 * (1 - 1 / (1 + math.exp(-0.2))), abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["tdpo", "tkto"])
+def test_negative_clip_in_the_trainers(method, tiny_sd_path, tpo_jsonl, tmp_path):
+    """A bound no row reaches leaves the loss bit-identical; c = 0 bounds every negative row whose policy error is
+    above the reference's, which changes the loss."""
+    cls = get_trainer(method)
+    results = {}
+    for clip in (None, 1e6, 0.0):
+        trainer = cls(_config(cls, tiny_sd_path, tpo_jsonl, tmp_path / str(clip), beta=5000.0, negative_clip=clip))
+        trainer.setup()
+        _randomise_lora(trainer)
+        with torch.no_grad():
+            results[clip] = trainer.compute_loss(_batch(trainer), _generators(2))
+    assert results[1e6][0].item() == results[None][0].item()
+    assert results[1e6][1]["negative_clipped"].item() == 0
+    assert results[0.0][1]["negative_clipped"].item() > 0
+    assert results[0.0][0].item() != results[None][0].item()
+    with pytest.raises(ConfigError, match="negative_clip"):
+        _config(cls, tiny_sd_path, tpo_jsonl, tmp_path, negative_clip=-1.0)

@@ -201,36 +201,80 @@ def invert_command(
     prompt: str = typer.Option(..., "--prompt", help="caption the inversion is conditioned on"),
     out: Path = typer.Option(Path("inversion"), "--out", help="folder for inverted.safetensors, PNGs, inversion.json"),
     steps: int = typer.Option(50, "--steps", help="sampler / inversion steps"),
-    renoise_steps: int = typer.Option(1, "--renoise-steps", help="ReNoise iterations K per step (0 = plain DDIM)"),
-    average_from: int = typer.Option(0, "--average-from", help="average estimates of iterations >= this (-1: off)"),
+    renoise_steps: int | None = typer.Option(
+        None, "--renoise-steps", help="ReNoise iterations K (official: 1; DDIM: 0 with --lambda-kl 0 --lambda-ac 0)"
+    ),
+    average_range: str | None = typer.Option(
+        None, "--average-range", help="START,END: average iterations START <= i < END, or 'none' (official: 8,10)"
+    ),
+    early_timestep: float | None = typer.Option(
+        None, "--early-timestep", help="steps with t below this use the --early-* settings (official: 250; 0 = off)"
+    ),
+    early_renoise_steps: int | None = typer.Option(
+        None, "--early-renoise-steps", help="at most this many iterations at early steps (official: 5)"
+    ),
+    early_average_range: str | None = typer.Option(
+        None, "--early-average-range", help="averaging window at early steps, START,END or 'none' (official: 0,5)"
+    ),
+    average_from: int | None = typer.Option(
+        None, "--average-from", help="shorthand: average iterations >= this at every step (-1: no averaging)"
+    ),
     guidance_scale: float = typer.Option(1.0, "--guidance-scale", help="CFG for inversion and reconstruction"),
-    lambda_kl: float = typer.Option(0.0, "--lambda-kl", help="patch-KL noise regularisation (ReNoise: 0.065)"),
-    lambda_ac: float = typer.Option(0.0, "--lambda-ac", help="autocorrelation noise regularisation (ReNoise: 20)"),
+    lambda_kl: float | None = typer.Option(
+        None, "--lambda-kl", help="patch-KL noise regularisation (official: 0.065)"
+    ),
+    lambda_ac: float | None = typer.Option(None, "--lambda-ac", help="autocorrelation regularisation (official: 20)"),
+    anchor: str | None = typer.Option(
+        None, "--anchor", help="patch-KL anchor: clean (official SD) or noised (official SDXL)"
+    ),
     eta: float = typer.Option(0.0, "--eta", help="DDIM η of the reconstruction; > 0 turns on noise correction"),
     resolution: int | None = typer.Option(None, "--resolution", help="side in pixels (default: the model's)"),
     device: str | None = typer.Option(None, "--device", help="cuda / cpu; default: cuda if available"),
     seed: int = typer.Option(0, "--seed", help="seed of the regularisation anchor noise"),
 ) -> None:
-    """Invert an image with DDIM/ReNoise, reconstruct it, and report the reconstruction error."""
-    from diffalign.inversion import ReNoiseConfig, invert_image
+    """Invert an image with DDIM/ReNoise, reconstruct it, and report the reconstruction error. Unset ReNoise options
+    take ReNoise's official values for the model's family (`diffalign.inversion.paper_renoise`)."""
+    from diffalign.inversion import invert_image
 
-    renoise = ReNoiseConfig(
-        num_renoise_steps=renoise_steps,
-        average_from=None if average_from < 0 else min(average_from, renoise_steps),
-        lambda_kl=lambda_kl,
-        lambda_ac=lambda_ac,
-        noise_correction=eta > 0,
-        eta=eta,
-    )
-    report = invert_image(
-        model, image, prompt, out, num_steps=steps, renoise=renoise, guidance_scale=guidance_scale,
-        resolution=resolution, device=device, seed=seed,
-    )  # fmt: skip
+    if average_from is not None and (average_range is not None or early_average_range is not None):
+        raise typer.BadParameter("`--average-from` replaces both windows; drop it or the `--*average-range` options")
+    values = dict(num_renoise_steps=renoise_steps, early_timestep=early_timestep, lambda_kl=lambda_kl)
+    values.update(early_max_renoise_steps=early_renoise_steps, lambda_ac=lambda_ac, anchor=anchor)
+    renoise = {k: v for k, v in values.items() if v is not None}
+    for key, text in (("average_range", average_range), ("early_average_range", early_average_range)):
+        if text is not None:
+            renoise[key] = _window(text, "--" + key.replace("_", "-"))
+    if average_from is not None:  # every step alike: K + 1 estimates, averaged from `average_from` on
+        renoise.update(average_range=None, early_average_range=None)
+        if average_from >= 0:
+            k = renoise_steps if renoise_steps is not None else average_from
+            renoise["average_from"] = min(average_from, k)
+    if eta > 0:
+        renoise.update(noise_correction=True, eta=eta)
+    try:
+        report = invert_image(
+            model, image, prompt, out, num_steps=steps, renoise=renoise, guidance_scale=guidance_scale,
+            resolution=resolution, device=device, seed=seed,
+        )  # fmt: skip
+    except FloatingPointError as err:  # the regularisation diverged: say which knob to turn
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
     typer.echo(
         f"latent MSE {report['latent_mse']:.4g} · PSNR {report['psnr']:.2f} dB (VAE alone {report['psnr_vae']:.2f} dB)"
         f" · inverted latent std {report['latent_std']:.3f}\nlatents: {report['latents_path']}\n"
         f"reconstruction: {report['reconstruction_path']}"
     )
+
+
+def _window(text: str, flag: str) -> tuple[int, int] | None:
+    """`START,END` → `(START, END)`; `none` → `None` (no averaging)."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        start, end = (int(v) for v in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"`{flag}` must be START,END (e.g. 8,10) or none, got {text!r}") from None
+    return start, end
 
 
 @app.command("generate")

@@ -188,6 +188,50 @@ def kto_loss(
     return loss, {k: v.detach() for k, v in stats.items()}
 
 
+def bound_negative_error(
+    model_err: torch.Tensor,
+    ref_err: torch.Tensor,
+    bound: float | None,
+    negative: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Optional clip of TPO's negative (perturbed-caption) term: the policy's error on a negative row enters the loss
+    as at most (1 + c) times the reference's error there.
+
+        m̃ = min(m, (1 + c) · r)   on negative rows,   m̃ = m elsewhere;   equivalently  m̃ − r = min(m − r, c · r)
+
+    Summaries of TPO (Xian et al. 2025, "Free Lunch Alignment of Text-to-Image Diffusion Models without Preference
+    Image Pairs") mention a clipping mechanism on the negative term that stabilises training; its form and threshold
+    are not public. This form is diffalign's choice: once the policy's error on (x, c_l) exceeds the reference's by
+    the fraction c, the loser term is constant and gives no gradient, so the loss can no longer be lowered by
+    degrading the model further on mismatched captions. The bound is relative to r because the error's scale varies
+    with t by orders of magnitude. Below the bound nothing changes (gradient 1 through m).
+
+    Args:
+        model_err (`torch.Tensor` of shape `[B]`): policy errors m.
+        ref_err (`torch.Tensor` of shape `[B]`): reference errors r (no grad).
+        bound (`float`, *optional*): c ≥ 0; `None` returns `model_err` unchanged.
+        negative (`torch.Tensor` of shape `[B]`, bool, *optional*): the negative rows (TKTO: the undesirable ones);
+            `None` = every row (TDPO: pass the loser errors).
+
+    Returns:
+        `(m̃, stats)`; stats: `negative_excess` (mean of (m − r)/r over negative rows, before the bound) and
+        `negative_clipped` (fraction of negative rows at the bound; 0 without a bound).
+    """
+    if bound is not None and bound < 0:
+        raise ValueError(f"`bound` must be >= 0 or None, got {bound}")
+    negative = torch.ones_like(model_err, dtype=torch.bool) if negative is None else negative.bool()
+    ref = ref_err.detach()
+    with torch.no_grad():
+        excess = _masked_mean((model_err - ref) / ref.clamp(min=1e-12), negative)
+    if bound is None:
+        return model_err, {"negative_excess": excess, "negative_clipped": torch.zeros((), device=model_err.device)}
+    cap = (1.0 + bound) * ref
+    clipped = negative & (model_err > cap)
+    bounded = torch.where(clipped, cap.to(model_err.dtype), model_err)
+    stats = {"negative_excess": excess, "negative_clipped": _masked_mean(clipped.float(), negative).detach()}
+    return bounded, stats
+
+
 def pseudo_huber(pred: torch.Tensor, target: torch.Tensor, c: float = 1e-3) -> torch.Tensor:
     """Pseudo-Huber distance `mean(sqrt((pred − target)² + c²) − c)` (Song & Dhariwal 2023, "Improved Techniques
     for Training Consistency Models"), the Self-NPO loss. Quadratic below `c`, linear above; 0 when equal."""

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from .renoise import ReNoiseConfig, invert, sample
+from .renoise import ReNoiseConfig, invert, paper_renoise, sample
 from .schedule import sampling_schedule
 
 logger = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ def invert_image(
     out: str | Path,
     *,
     num_steps: int = 50,
-    renoise: ReNoiseConfig | None = None,
+    renoise: ReNoiseConfig | dict | None = None,
     guidance_scale: float = 1.0,
     resolution: int | None = None,
     device: str | None = None,
@@ -37,7 +37,8 @@ def invert_image(
     Args:
         model (`str` or `Path`): a local diffusers pipeline folder (SD1.x/2.x, SDXL, SD3) or a Hub id when online.
         num_steps (`int`, defaults to 50): sampler / inversion steps.
-        renoise (`ReNoiseConfig`, *optional*): defaults to one ReNoise pass with averaging (SmPO's setting).
+        renoise (`ReNoiseConfig` or `dict`, *optional*): defaults to ReNoise's official settings for the model's
+            family (`paper_renoise`: `RENOISE_SD` for SD1.x/2.x ε models); a `dict` replaces some of their fields.
         guidance_scale (`float`, defaults to 1.0): CFG for both inversion and reconstruction (1 = conditional only,
             which reconstructs best).
         resolution (`int`, *optional*): defaults to the model's native size.
@@ -51,9 +52,10 @@ def invert_image(
     from diffalign.data.images import open_image
     from diffalign.data.transforms import preprocess
 
-    renoise = renoise or ReNoiseConfig(num_renoise_steps=1, average_from=0)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     backbone = load_backbone(model).to(device)
+    if not isinstance(renoise, ReNoiseConfig):
+        renoise = replace(paper_renoise(backbone), **(renoise or {}))
     resolution = resolution or backbone.denoiser.config.sample_size * backbone.vae_scale_factor
     picture = image if isinstance(image, Image.Image) else open_image(str(image))
     pixels = preprocess(picture, resolution).pixels.unsqueeze(0).to(device)

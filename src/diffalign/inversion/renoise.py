@@ -13,12 +13,14 @@ inversion (Song et al. 2021; Mokady et al. 2023) approximates it by p(z_from, t)
 
     1. z⁽⁰⁾ = z_from
     2. for i = 0 … K:  p⁽ⁱ⁾ = model(z⁽ⁱ⁾, t),  z⁽ⁱ⁺¹⁾ = prediction_inverse_step(z_from, p⁽ⁱ⁾)
-    3. z_to = z⁽ᴷ⁺¹⁾, or with averaging, prediction_inverse_step(z_from, mean of p⁽ⁱ⁾ over i ≥ `average_from`)
+    3. z_to = z⁽ᴷ⁺¹⁾, or with averaging, prediction_inverse_step(z_from, mean of p⁽ⁱ⁾ over the window
+       start ≤ i < end)
 
-K = 0 is plain DDIM (flow: Euler) inversion. Optional: noise regularisation of each ε⁽ⁱ⁾ (`regularization.py`,
-ε-prediction models), and noise correction for the stochastic DDIM sampler (η > 0): after each step the sampler's
-fresh noise n is solved for so that the η-step from z_to lands exactly on z_from; `sample(..., noises=...)` then
-reconstructs exactly.
+K = 0 is plain DDIM (flow: Euler) inversion. K and the window may differ below a timestep (the official code: at
+most 5 iterations and the window [0, 5) for t < 250, the window [8, 10) above; `ReNoiseConfig`, `RENOISE_SD`).
+Optional: noise regularisation of each ε⁽ⁱ⁾ (`regularization.py`, ε-prediction models), and noise correction for
+the stochastic DDIM sampler (η > 0): after each step the sampler's fresh noise n is solved for so that the η-step
+from z_to lands exactly on z_from; `sample(..., noises=...)` then reconstructs exactly.
 
 The conversions between model outputs (ε, v, flow velocity) and (x̂0, ε̂) are the backbone's own, so all of this is
 family-agnostic (SD1.x/2.x, SDXL, SD3).
@@ -43,15 +45,33 @@ Predictor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class ReNoiseConfig:
-    """How each inversion step estimates its noise.
+    """How each inversion step estimates its noise. The bare defaults are plain DDIM inversion, so a partial spec
+    means exactly what it sets; `RENOISE_SD` / `RENOISE_SDXL` are the official code's settings.
+
+    ReNoise's official code (garibida/ReNoise-Inversion, `src/config.py` and `src/renoise_inversion.py`) treats the
+    steps whose model timestep t is below 250 ("early", near the image) apart from the rest: at most 5 iterations
+    there, and its own averaging window. A window `(start, end)` averages the estimates of iterations
+    start ≤ i < end (end exclusive, as theirs); a window beyond the iterations run averages nothing (the last iterate
+    is kept), which their SD/SDXL settings rely on: K = 1 with the late window (8, 10) means no averaging above
+    t = 250.
 
     Args:
         num_renoise_steps (`int`, defaults to 0): K, extra fixed-point iterations per step (0 = plain DDIM inversion).
-        average_from (`int`, *optional*): average the noise estimates of iterations i ≥ this (0 … K) and take the
-            final step with the mean; `None` keeps the last iterate. SmPO: K = 1, `average_from = 0`.
+        average_from (`int`, *optional*): shorthand for `average_range=(average_from, K + 1)`: average iterations
+            i ≥ this (0 … K) at every step. SmPO: K = 1, `average_from = 0`. Exclusive with `average_range`.
+        average_range (`tuple[int, int]`, *optional*): window `[start, end)` of iterations whose estimates are
+            averaged; the step is then retaken with the mean. `None` keeps the last iterate. Official default (8, 10).
+        early_timestep (`float`, defaults to 0): steps with model timestep t < this use `early_max_renoise_steps` and
+            `early_average_range` (official: 250; 0 = every step alike). Flow models compare σ·1000.
+        early_max_renoise_steps (`int`, *optional*): K at early steps is min(K, this) (official: 5).
+        early_average_range (`tuple[int, int]`, *optional*): the window at early steps (official: (0, 5)).
         lambda_kl (`float`, defaults to 0): patch-KL regularisation weight (ReNoise default 0.065; 0 = off).
         lambda_ac (`float`, defaults to 0): autocorrelation regularisation weight (ReNoise default 20; 0 = off).
         regularization_steps (`int`, defaults to 4), ac_rolls (`int`, defaults to 5): see `regularize_noise`.
+        anchor (`str`, defaults to `"noised"`): where the patch-KL reference prediction ε̂* is taken: `"noised"` at
+            α_t·x0 + σ_t·n (the paper; the official SDXL pipeline), `"clean"` at the clean latent x0 itself, with the
+            step's timestep t (the official SD1.x/2.x pipeline, which replaces its scheduler's `add_noise` with the
+            identity, so the anchor is ε̂(z0, t) at every step).
         noise_correction (`bool`, defaults to `False`): solve, per step, for the noise of a DDIM-η sampler that
             reconstructs the inverted trajectory exactly (VP backbones; needs `eta` > 0).
         eta (`float`, defaults to 0): η of the stochastic DDIM sampler the noise correction is for.
@@ -59,10 +79,15 @@ class ReNoiseConfig:
 
     num_renoise_steps: int = 0
     average_from: int | None = None
+    average_range: tuple[int, int] | None = None
+    early_timestep: float = 0.0
+    early_max_renoise_steps: int | None = None
+    early_average_range: tuple[int, int] | None = None
     lambda_kl: float = 0.0
     lambda_ac: float = 0.0
     regularization_steps: int = 4
     ac_rolls: int = 5
+    anchor: str = "noised"
     noise_correction: bool = False
     eta: float = 0.0
 
@@ -74,12 +99,69 @@ class ReNoiseConfig:
                 f"`average_from` must be in [0, num_renoise_steps={self.num_renoise_steps}] or None, "
                 f"got {self.average_from}"
             )
+        if self.average_from is not None and self.average_range is not None:
+            raise ValueError(
+                f"`average_from` ({self.average_from}) is a shorthand for `average_range` ({self.average_range}); "
+                "set one of them"
+            )
+        for name in ("average_range", "early_average_range"):
+            window = getattr(self, name)
+            if window is not None:
+                if len(window) != 2 or not 0 <= window[0] < window[1]:
+                    raise ValueError(f"`{name}` must be (start, end) with 0 <= start < end, got {window}")
+                object.__setattr__(self, name, (int(window[0]), int(window[1])))
+        if self.early_max_renoise_steps is not None and self.early_max_renoise_steps < 0:
+            raise ValueError(f"`early_max_renoise_steps` must be >= 0 or None, got {self.early_max_renoise_steps}")
+        if self.anchor not in ("noised", "clean"):
+            raise ValueError(f"`anchor` must be 'noised' or 'clean', got {self.anchor!r}")
         if self.noise_correction and self.eta <= 0:
             raise ValueError(f"`noise_correction` is for stochastic sampling and needs `eta` > 0, got {self.eta}")
 
     @property
     def regularize(self) -> bool:
         return self.regularization_steps > 0 and (self.lambda_kl > 0 or self.lambda_ac > 0)
+
+    def at(self, early: bool) -> tuple[int, tuple[int, int] | None]:
+        """`(K, averaging window)` of a step: early (t < `early_timestep`) or not."""
+        window = self.average_range
+        if self.average_from is not None:
+            window = (self.average_from, self.num_renoise_steps + 1)
+        if not early:
+            return self.num_renoise_steps, window
+        k = self.num_renoise_steps
+        if self.early_max_renoise_steps is not None:
+            k = min(k, self.early_max_renoise_steps)
+        return k, self.early_average_range if self.early_average_range is not None else window
+
+
+RENOISE_SD = ReNoiseConfig(
+    num_renoise_steps=1,
+    average_range=(8, 10),
+    early_timestep=250,
+    early_max_renoise_steps=5,
+    early_average_range=(0, 5),
+    lambda_kl=0.065,
+    lambda_ac=20.0,
+    regularization_steps=4,
+    ac_rolls=5,
+    anchor="clean",
+)
+"""ReNoise's official SD1.x/2.x settings (garibida/ReNoise-Inversion: `examples/inversion_example_sd.py` over the
+`RunConfig` defaults; 50 DDIM steps, no noise correction): K = 1; above t = 250 no averaging (window (8, 10) is past
+the 2 iterations) and so no regularisation; below t = 250 both estimates averaged, each regularised (patch-KL 0.065
+toward ε̂(z0, t), autocorrelation 20, 4 rounds of 5 rolls). Inversion and reconstruction without CFG."""
+
+RENOISE_SDXL = replace(RENOISE_SD, anchor="noised")
+"""The official SDXL example: as `RENOISE_SD`, with the patch-KL anchor at the forward-noised α_t·z0 + σ_t·n."""
+
+
+def paper_renoise(backbone: Backbone) -> ReNoiseConfig:
+    """The official settings for `backbone`'s family: `RENOISE_SDXL` for SDXL, `RENOISE_SD` for other ε models;
+    for v-prediction and flow models (which the official code does not support) the same iterations and windows
+    without the noise regularisation (it acts on ε predictions)."""
+    if backbone.prediction_type != "epsilon":
+        return replace(RENOISE_SD, lambda_kl=0.0, lambda_ac=0.0)
+    return RENOISE_SDXL if backbone.family == "sdxl" else RENOISE_SD
 
 
 SMPO_RENOISE = ReNoiseConfig(num_renoise_steps=1, average_from=0)
@@ -209,7 +291,7 @@ def invert(
     z = x0.float().clone()
     n = len(z)
     steps = torch.zeros(n, dtype=torch.long, device=device)
-    anchor = _anchor_noise(z, generator) if renoise.regularize else None
+    anchor = _anchor_noise(z, generator) if renoise.regularize and renoise.anchor == "noised" else None
     trajectory = [z.clone()] if return_trajectory else None
     noises = [] if renoise.noise_correction else None
     for k in range(len(schedule)):
@@ -272,25 +354,48 @@ def renoise_step(
     """One inversion step for `m` rows (module docstring, steps 1–3); returns `(z_to, corrected_noise or None)`.
 
     `levels` = (α_from, σ_from, α_to, σ_to), each `[m]`; `t` `[m]` the model timestep of the target level; `x0` the
-    rows' clean latents (for the regularisation anchor α_to·x0 + σ_to·n).
+    rows' clean latents (for the regularisation anchor). Rows below and above `cfg.early_timestep` (possible when
+    landing on per-row timesteps) are stepped as two groups, each with its own K and window (`ReNoiseConfig.at`).
     """
+    early = t < cfg.early_timestep
+    if early.all() or not early.any():
+        return _renoise_rows(backbone, predict, z_from, x0, t, rows, levels, cfg, bool(early[0]), anchor, generator)
+    z_to, noise = torch.empty_like(z_from, dtype=torch.float32), None
+    for group in (early, ~early):
+        idx = group.nonzero().flatten()
+        sub = (z_from[idx], x0[idx], t[idx], rows[idx], tuple(v[idx] for v in levels), cfg, bool(early[idx[0]]))
+        z_group, n_group = _renoise_rows(backbone, predict, *sub, anchor, generator)
+        z_to[idx] = z_group
+        if n_group is not None:
+            noise = torch.zeros_like(z_to) if noise is None else noise
+            noise[idx] = n_group
+    return z_to, noise
+
+
+def _renoise_rows(backbone, predict, z_from, x0, t, rows, levels, cfg: ReNoiseConfig, early: bool, anchor, generator):
+    """`renoise_step` for rows that share K and the averaging window. As the official code: the estimates in the
+    window are averaged before regularisation; the iterates from the window's start on (without a window: from
+    i = 1) and the mean are regularised."""
     a_from, s_from, a_to, s_to = levels
+    k, window = cfg.at(early)
+    first_regularized = window[0] if window is not None else 1
     reference = None
-    if cfg.regularize:
-        anchored = a_to.view(-1, 1, 1, 1) * x0 + s_to.view(-1, 1, 1, 1) * anchor[rows]
+    if cfg.regularize and first_regularized <= k:
+        anchored = x0
+        if cfg.anchor == "noised":
+            anchored = a_to.view(-1, 1, 1, 1) * x0 + s_to.view(-1, 1, 1, 1) * anchor[rows]
         reference = predict(anchored, t, rows)
     z_est, estimates = z_from, []
-    first_regularized = cfg.average_from if cfg.average_from is not None else 1
-    for i in range(cfg.num_renoise_steps + 1):
+    for i in range(k + 1):
         pred = predict(z_est, t, rows)
-        if cfg.average_from is not None and i >= cfg.average_from:
+        if window is not None and window[0] <= i < window[1]:
             estimates.append(pred)
-        if cfg.regularize and i >= first_regularized:
+        if reference is not None and i >= first_regularized:
             pred = _regularize(pred, reference, cfg, generator)
         z_est = prediction_inverse_step(backbone, z_from, pred, t, a_from, s_from)
-    if estimates and (len(estimates) > 1 or cfg.regularize):
+    if estimates:
         pred = torch.stack(estimates).mean(0)
-        if cfg.regularize:
+        if reference is not None:
             pred = _regularize(pred, reference, cfg, generator)
         z_est = prediction_inverse_step(backbone, z_from, pred, t, a_from, s_from)
     noise = None
@@ -300,9 +405,17 @@ def renoise_step(
 
 
 def _regularize(eps, reference, cfg: ReNoiseConfig, generator) -> torch.Tensor:
-    return regularize_noise(
+    out = regularize_noise(
         eps, reference, cfg.lambda_kl, cfg.lambda_ac, cfg.regularization_steps, cfg.ac_rolls, generator
     )
+    if not torch.isfinite(out).all():
+        raise FloatingPointError(
+            f"ReNoise noise regularisation diverged (lambda_kl={cfg.lambda_kl}, lambda_ac={cfg.lambda_ac}, "
+            f"anchor={cfg.anchor!r}, latent {tuple(eps.shape[-2:])}, ε̂* std {float(reference.std()):.3g}): its "
+            "gradient steps overshoot on small latents (the toy model's 8×8 diverges with ReNoise's own weights). "
+            "Lower or zero `lambda_kl` / `lambda_ac`."
+        )
+    return out
 
 
 def _corrected_noise(backbone, predict, z_to, z_from, t, rows, levels, eta: float) -> torch.Tensor:

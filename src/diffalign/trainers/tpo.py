@@ -10,6 +10,9 @@ image's latent is encoded once and used twice, with the SAME t and ε; only the 
 - TDPO: Diffusion-DPO (`objectives.dpo_loss`) with winner = (x, c_w), loser = (x, c_l):
   `inside = −½β((m(x,c_w) − m(x,c_l)) − (r(x,c_w) − r(x,c_l)))`, `loss = −log σ(inside)`.
 - TKTO: Diffusion-KTO (`objectives.kto_loss`) with (x, c_w) desirable and (x, c_l) undesirable.
+- `negative_clip` c (optional, off by default): the policy error on (x, c_l) counts at most (1 + c)× the reference's,
+  m̃_l = min(m_l, (1 + c)·r_l) (`objectives.bound_negative_error`). The paper's clipping of the negative term is
+  unpublished; this form is diffalign's choice.
 
 Empty-prompt dropout is refused (`proportion_empty_prompts` must be 0): dropping one caption would turn the pair
 into "caption vs. nothing", dropping both makes the two rows identical (loss log 2, zero gradient).
@@ -22,7 +25,7 @@ from pydantic import Field, field_validator
 
 from diffalign.config import TrainConfig
 from diffalign.data import CaptionedImages
-from diffalign.objectives import dpo_loss, kto_loss
+from diffalign.objectives import bound_negative_error, dpo_loss, kto_loss
 from diffalign.trainers.base import Trainer
 from diffalign.trainers.dpo import DPOConfig
 from diffalign.trainers.kto import KTOConfig, KTOTrainer
@@ -33,6 +36,13 @@ class TPOFields(TrainConfig):
 
     image_column: str = Field("image", description="Image column of the data (`diffalign perturb` writes `image`).")
     mismatched_column: str = Field("mismatched_caption", description="Column holding the mismatched caption c_l.")
+    negative_clip: float | None = Field(
+        None,
+        ge=0,
+        description="Bound c on the perturbed-caption term: the policy's error on (x, c_l) enters the loss as "
+        "min(m, (1 + c)·r), a fraction c above the reference's at most (null = off). diffalign's form; the TPO "
+        "paper's clipping is not public.",
+    )
 
     @field_validator("proportion_empty_prompts")
     @classmethod
@@ -108,7 +118,9 @@ class TDPOTrainer(_TPOMixin, Trainer):
         model_err, ref_err = self.errors(torch.cat([x_t, x_t]), t.repeat(2), cond, torch.cat([target, target]))
         m_w, m_l = model_err.chunk(2)
         r_w, r_l = ref_err.chunk(2)
-        return dpo_loss(m_w, m_l, r_w, r_l, self.config.beta)
+        m_l, clip_stats = bound_negative_error(m_l, r_l, self.config.negative_clip)
+        loss, stats = dpo_loss(m_w, m_l, r_w, r_l, self.config.beta)
+        return loss, {**stats, **clip_stats}
 
 
 class TKTOTrainer(_TPOMixin, KTOTrainer):
@@ -133,7 +145,8 @@ class TKTOTrainer(_TPOMixin, KTOTrainer):
         target = self.backbone.training_target(x0, eps, t)
         model_err, ref_err = self.errors(x_t, t, self.caption_pair_condition(batch), target)
         desirable = torch.arange(len(x0), device=model_err.device) < len(x0) // 2
-        return kto_loss(
+        model_err, clip_stats = bound_negative_error(model_err, ref_err, self.config.negative_clip, ~desirable)
+        loss, stats = kto_loss(
             model_err,
             ref_err,
             desirable,
@@ -142,3 +155,4 @@ class TKTOTrainer(_TPOMixin, KTOTrainer):
             desirable_weight=self.config.desirable_weight,
             undesirable_weight=self.config.undesirable_weight,
         )
+        return loss, {**stats, **clip_stats}
