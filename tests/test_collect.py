@@ -214,3 +214,45 @@ def _pairs(folder: Path) -> list[tuple]:
 def test_export_without_a_collection_is_one_line(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"has no labels.sqlite: run `diffalign collect serve --out"):
         export(tmp_path)
+
+
+def test_the_cli_serves_with_a_token_beyond_localhost_and_exports(tmp_path):
+    """`collect serve --host 0.0.0.0` generates a token and prints the URL with it; `collect export` prints the
+    counts and the training command."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from diffalign.cli import app
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "diffalign", "collect", "serve", "--model", "toy", "--prompts", "toy:train",
+           "--max_prompts", "2", "--steps", "2", "--out", str(tmp_path / "labels"), "--host", "0.0.0.0", "--port",
+           str(port)]  # fmt: skip
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    try:
+        line = server.stdout.readline()
+        assert line.startswith("2 pairs in "), line
+        token = re.search(r"\?token=([\w-]+)&labeller=NAME", line).group(1)
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"{base}/api/next?token={token}", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            urllib.request.urlopen(f"{base}/api/next", timeout=5)
+        pair = json.loads(urllib.request.urlopen(f"{base}/api/next?token={token}&labeller=cy").read())["pair"]
+        body = json.dumps({"pair_id": pair["id"], "choice": "right", "labeller": "cy"}).encode()
+        request = urllib.request.Request(f"{base}/api/label?token={token}", data=body,
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        urllib.request.urlopen(request, timeout=5)
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=30)
+    result = CliRunner().invoke(app, ["collect", "export", str(tmp_path / "labels")])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("1 preference rows, 2 KTO rows from 1 labels by cy; agreement between labellers —")
+    assert "train: diffalign train dpo --model toy --data" in result.output

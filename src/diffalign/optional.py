@@ -6,7 +6,7 @@ import importlib
 from types import ModuleType
 
 EXTRAS = {"open_clip": "eval", "tensorboard": "tensorboard", "wandb": "wandb", "bitsandbytes": "gpu",
-          "xformers": "gpu"}  # fmt: skip
+          "xformers": "gpu", "fastapi": "collect", "uvicorn": "collect"}  # fmt: skip
 
 
 class MissingDependencyError(ImportError):

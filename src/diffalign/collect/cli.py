@@ -29,9 +29,11 @@ def serve_command(
     token: str | None = typer.Option(None, "--token", help="access token (generated when --host is not local)"),
 ) -> None:
     """Generate K candidates per prompt (resumable), then serve the labelling page until Ctrl-C."""
-    import uvicorn
-
     from diffalign.evaluation.generate import sampling_defaults
+    from diffalign.optional import require
+
+    require("fastapi", "`diffalign collect serve`")
+    uvicorn = require("uvicorn", "`diffalign collect serve`")
 
     from .app import LOCAL_HOSTS, create_app
     from .candidates import CollectSettings, prepare
