@@ -88,7 +88,9 @@ class WeightedStepBatchSampler(StepBatchSampler):
             raise ValueError(f"`desirable_ratio` must be in (0, 1) or null, got {desirable_ratio}")
         if min(len(c) for c in self.classes) == 0:
             counts = f"{len(self.classes[1])} desirable and {len(self.classes[0])} undesirable"
-            raise ValueError(f"`desirable_ratio` needs both kinds of samples; the data has {counts}")
+            from diffalign.data import DataError
+
+            raise DataError(f"`desirable_ratio` needs both kinds of samples; the data has {counts}")
         self.desirable_ratio = desirable_ratio
 
     def _key(self, position: int) -> tuple[int, int]:
