@@ -412,6 +412,14 @@ def main() -> None:
         "accelerate.accelerator",
     ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # with torchao installed (the `quant` extra), importing transformers imports it, and that import warns about
+    # torch internals on every command; nothing a diffalign user can act on
+    for noisy in (
+        "torch.utils._pytree",
+        "transformers.quantizers.quantizer_torchao",
+        "diffusers.quantizers.torchao.torchao_quantizer",
+    ):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         app()
     except Exception as err:  # not SystemExit: `--help` must not import the library to classify it
