@@ -291,6 +291,11 @@ def attach_negative_adapter(
     """
     component = denoiser_name(pipe)
     denoiser = getattr(pipe, component)
+    if getattr(denoiser.config, "guidance_embeds", False):
+        raise ValueError(
+            f"a negative adapter replaces classifier-free guidance's unconditional branch, but this {type(pipe).__name__}"
+            " is guidance-distilled (`guidance_embeds=True`, e.g. FLUX.1-dev): it has no unconditional branch"
+        )
     if getattr(denoiser, _ATTR, None) is not None:
         raise ValueError("a negative adapter is already attached to this pipeline; call `handle.remove()` first")
     for name, value in (("alpha", alpha), ("beta", beta)):
