@@ -181,11 +181,21 @@ def make_tiny_sdxl(path: str | Path, width_2: int = CLIP_WIDTH) -> Path:
     return _save(pipe, path)
 
 
-def make_tiny_sd3(path: str | Path, with_t5: bool = False) -> Path:
+SD3_LAYOUTS = {
+    "sd3": {},
+    "sd35_medium": {"dual_attention_layers": (0,), "qk_norm": "rms_norm"},  # MMDiT-X: self-attention in layer 0
+    "sd35_large": {"qk_norm": "rms_norm"},
+}
+"""Transformer config differences between SD3-medium, SD3.5-medium and SD3.5-large (their `transformer/config.json`:
+3.5 adds RMS q/k normalisation; 3.5-medium adds a second, image-only attention to its first 13 blocks)."""
+
+
+def make_tiny_sd3(path: str | Path, with_t5: bool = False, layout: str = "sd3") -> Path:
     """Write a tiny `StableDiffusion3Pipeline` folder (CLIP-L/G stand-ins with projection, optional T5).
 
     Without T5 (`with_t5=False`) `text_encoder_3`/`tokenizer_3` are saved as `null`, like running SD3 without T5; the
-    pipeline then feeds zeros in place of the T5 tokens.
+    pipeline then feeds zeros in place of the T5 tokens. `layout` picks the transformer of SD3 (`"sd3"`), SD3.5-medium
+    (`"sd35_medium"`) or SD3.5-large (`"sd35_large"`), see `SD3_LAYOUTS`.
     """
     path = Path(path)
     torch.manual_seed(0)
@@ -205,6 +215,7 @@ def make_tiny_sd3(path: str | Path, with_t5: bool = False) -> Path:
         caption_projection_dim=16,  # = heads × head dim (the text stream runs at the transformer width)
         pooled_projection_dim=2 * PROJECTION_DIM,
         pos_embed_max_size=16,
+        **SD3_LAYOUTS[layout],
     )
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,

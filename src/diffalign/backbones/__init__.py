@@ -41,8 +41,8 @@ __all__ = [
 
 
 def detect_family(path_or_id: str | Path) -> str:
-    """The backbone family (`"sd"`, `"sdxl"`, `"sd3"`, `"flux"`) of a pipeline folder or Hub id, from its `model_index.json`
-    `_class_name`.
+    """The backbone family (`"sd"`, `"sdxl"`, `"sd3"`, `"flux"`) of a pipeline folder or Hub id, from its
+    `model_index.json` `_class_name`.
 
     Raises:
         ModelNotFoundError: not a local pipeline folder and the Hub cannot be used (see `resolve_model_path`).

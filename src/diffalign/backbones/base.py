@@ -74,6 +74,7 @@ class Backbone(ABC):
     def check_cfg_branch(self, purpose: str) -> None:
         """Raise (a `ValueError` naming why) when `purpose` needs classifier-free guidance's unconditional branch and
         the model has none — a guidance-distilled FLUX.1-dev; every other family has one."""
+        return None
 
     @abstractmethod
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:

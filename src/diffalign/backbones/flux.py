@@ -12,7 +12,7 @@ Training σ, following diffusers' `examples/dreambooth/train_dreambooth_lora_flu
     2. σ = the scheduler's TRAINING sigma at u: the script reads `noise_scheduler.sigmas[int(u·T)]`, and
        `FlowMatchEulerDiscreteScheduler` shifts its training sigmas by the static `shift` (σ = s·u / (1 + (s − 1)·u))
        only when `use_dynamic_shifting` is off. FLUX.1-dev's scheduler has it on, so the script trains dev on the
-       UNshifted σ = u; schnell's static shift is 1.0, also σ = u. We use the continuous u instead of the 1000-step grid.
+       UNshifted σ = u; schnell's static shift is 1.0, also σ = u. We use the continuous u, not the 1000-step grid.
     Optional (`image_seq_len` set): the resolution-dependent shift the pipeline uses at inference,
     σ = e^μ / (e^μ + 1/u − 1) with μ = `calculate_shift(image_seq_len)` (linear in the number of packed tokens from
     `base_shift` at `base_image_seq_len` to `max_shift` at `max_image_seq_len`).
@@ -63,7 +63,7 @@ class FluxBackbone(PipelineBackbone):
         timestep_sampling (`str`, defaults to `"logit_normal"`): density of u, `"logit_normal"` or `"uniform"`.
         logit_mean, logit_std (`float`, default 0.0 and 1.0): parameters of the logit-normal.
         image_seq_len (`int`, *optional*): when set, shift σ by the pipeline's resolution-dependent μ for this many
-            packed tokens ((H/16)·(W/16) for the 8x VAE); None follows the diffusers training script (module docstring).
+            packed tokens ((H/16)·(W/16) for the 8x VAE); None follows the diffusers training script (see above).
         max_sequence_length (`int`, defaults to 512): T5 tokens (the pipeline's default; schnell allows at most 256).
     """
 
@@ -96,7 +96,10 @@ class FluxBackbone(PipelineBackbone):
         clip_ids = self._token_ids(self.clip_tokenizer, prompts)
         pooled = self.clip_encoder(clip_ids, output_hidden_states=False).pooler_output
         t5_ids = self._token_ids(self.t5_tokenizer, prompts, max_length=self.max_sequence_length)
-        return {"prompt_embeds": self.t5_encoder(t5_ids, output_hidden_states=False)[0], "pooled_prompt_embeds": pooled}
+        return {
+            "prompt_embeds": self.t5_encoder(t5_ids, output_hidden_states=False)[0],
+            "pooled_prompt_embeds": pooled,
+        }
 
     def check_cfg_branch(self, purpose: str) -> None:
         """Raise `GuidanceDistilledError` when `purpose` needs CFG's unconditional branch and the model has none."""

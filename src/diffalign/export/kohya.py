@@ -10,8 +10,9 @@ Format (kohya sd-scripts `networks/lora.py`): per adapted module `<name>.lora_do
 - SDXL UNet: kohya trains SDXL on the SGM layout, so its names are `lora_unet_input_blocks_4_1_transformer_blocks_0_…`.
   ComfyUI accepts `lora_unet_` + any SGM weight name; AUTOMATIC1111 replaces `lora_unet` by `diffusion_model`.
 - Text encoders: transformers CLIP paths, `lora_te_text_model_encoder_layers_0_self_attn_q_proj`.
-- FLUX.1 transformer: `lora_transformer_` + the diffusers module path (`lora_transformer_transformer_blocks_0_attn_to_q`,
-  `lora_transformer_single_transformer_blocks_0_attn_to_k`), the naming OneTrainer writes. ComfyUI maps every
+- FLUX.1 transformer: `lora_transformer_` + the diffusers module path
+  (`lora_transformer_transformer_blocks_0_attn_to_q`, `lora_transformer_single_transformer_blocks_0_attn_to_k`), the
+  naming OneTrainer writes. ComfyUI maps every
   diffusers FLUX module to its BFL weight (or the q/k/v slice of the fused `qkv`/`linear1`) under exactly this name
   (`comfy.lora.model_lora_keys_unet`, "onetrainer"); diffusers reads it back in
   `lora_conversion_utils._convert_kohya_flux_lora_to_diffusers`. kohya sd-scripts' own FLUX names
@@ -37,7 +38,11 @@ KOHYA_PREFIXES = {
     "flux": {"transformer": "lora_transformer", "text_encoder": "lora_te1"},
 }
 BASE_MODEL_VERSION = {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0", "flux": "flux1"}
-ARCHITECTURE = {"sd": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora", "flux": "flux-1-dev/lora"}
+ARCHITECTURE = {
+    "sd": "stable-diffusion-v1/lora",
+    "sdxl": "stable-diffusion-xl-v1-base/lora",
+    "flux": "flux-1-dev/lora",
+}
 
 
 def kohya_names(run: RunWeights) -> dict[str, str]:

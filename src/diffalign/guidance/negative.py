@@ -293,8 +293,14 @@ def attach_negative_adapter(
     denoiser = getattr(pipe, component)
     if getattr(denoiser.config, "guidance_embeds", False):
         raise ValueError(
-            f"a negative adapter replaces classifier-free guidance's unconditional branch, but this {type(pipe).__name__}"
-            " is guidance-distilled (`guidance_embeds=True`, e.g. FLUX.1-dev): it has no unconditional branch"
+            "a negative adapter replaces classifier-free guidance's unconditional branch, but this "
+            f"{type(pipe).__name__} is guidance-distilled (`guidance_embeds=True`, e.g. FLUX.1-dev): it has no "
+            "unconditional branch"
+        )
+    if not hasattr(type(pipe), "do_classifier_free_guidance"):
+        raise ValueError(
+            f"{type(pipe).__name__} does not stack [uncond, cond] into one denoiser call (no "
+            "`do_classifier_free_guidance`), which negative adapters hook; use an SD, SDXL or SD3 pipeline"
         )
     if getattr(denoiser, _ATTR, None) is not None:
         raise ValueError("a negative adapter is already attached to this pipeline; call `handle.remove()` first")
