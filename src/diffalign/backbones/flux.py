@@ -20,9 +20,10 @@ The transformer's timestep is σ (the pipeline passes t / 1000); `t` here is σ�
 
 Guidance embedding. FLUX.1-dev is guidance-distilled (`guidance_embeds=True`): the CFG scale is an INPUT of the
 network and there is no unconditional branch. Training feeds `guidance_scale` (3.5, the diffusers FLUX LoRA script's
-`--guidance_scale` default, "the FLUX.1 dev variant is a guidance distilled model") to every forward pass, policy and
-reference alike. Methods that need CFG's unconditional branch (Self-NPO's guided teacher, NPO negative adapters used in
-that branch) are refused on such a model (`check_cfg_branch`). schnell has no guidance embedding (`guidance=None`).
+`--guidance_scale` default, "the FLUX.1 dev variant is a guidance distilled model"; its README_flux.md examples pass
+1) to every forward pass, policy and reference alike. Methods that need CFG's unconditional branch (Self-NPO's guided
+teacher, NPO negative adapters used in that branch) are refused on such a model (`check_cfg_branch`). schnell has no
+guidance embedding (`guidance=None`).
 
 Preference objectives on flow models (Flow-DPO, Liu et al. 2025, "Improving Video Generation with Human Feedback",
 arXiv 2501.13918): the Diffusion-DPO loss with the per-sample velocity errors ‖v − v_θ(x_σ, σ, c)‖² in place of the
@@ -64,7 +65,8 @@ class FluxBackbone(PipelineBackbone):
         logit_mean, logit_std (`float`, default 0.0 and 1.0): parameters of the logit-normal.
         image_seq_len (`int`, *optional*): when set, shift σ by the pipeline's resolution-dependent μ for this many
             packed tokens ((H/16)·(W/16) for the 8x VAE); None follows the diffusers training script (see above).
-        max_sequence_length (`int`, defaults to 512): T5 tokens (the pipeline's default; schnell allows at most 256).
+        max_sequence_length (`int`, defaults to 512): T5 tokens, `FluxPipeline`'s default for dev and schnell (use the
+            value you will sample with: the LoRA learns at this text length).
     """
 
     family: ClassVar[str] = "flux"
