@@ -277,7 +277,9 @@ def attach_negative_adapter(
         `NegativeAdapterHandle`; `handle.remove()` restores the pipeline.
 
     Raises:
-        ValueError: α ≠ 1 with neither `base` nor a LoRA η; a negative adapter is already attached; fused LoRA layers.
+        ValueError: α ≠ 1 with neither `base` nor a LoRA η; a negative adapter is already attached; fused LoRA layers;
+            a guidance-distilled model (FLUX.1-dev: no unconditional branch) or a pipeline that does not stack
+            `[uncond, cond]` into one call (`FluxPipeline`'s true CFG).
         FileNotFoundError: `negative` does not exist.
 
     Example:
