@@ -256,6 +256,20 @@ def test_trained_lora_loads_in_stock_flux_pipeline(dev_path, dpo_run):
     torch.testing.assert_close(with_lora, _images(backbone.make_pipeline()), rtol=0, atol=1e-6)
 
 
+# The diffusers FLUX modules ComfyUI maps onto its BFL weights (comfy/utils.py `flux_to_diffusers`, read for the
+# names only); comfy/lora.py `model_lora_keys_unet` accepts `lora_transformer_` + each of them with `.` → `_`.
+COMFY_DOUBLE = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+                "attn.to_out.0", "attn.to_add_out", "norm1.linear", "norm1_context.linear", "ff.net.0.proj",
+                "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")  # fmt: skip
+COMFY_SINGLE = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "norm.linear", "proj_out")
+
+
+def _comfy_names(double: int, single: int) -> set[str]:
+    modules = [f"transformer_blocks.{i}.{m}" for i in range(double) for m in COMFY_DOUBLE]
+    modules += [f"single_transformer_blocks.{i}.{m}" for i in range(single) for m in COMFY_SINGLE]
+    return {"lora_transformer_" + m.replace(".", "_") for m in modules}
+
+
 def test_kohya_export_names_flux_modules_and_loads_back(dev_path, dpo_run, tmp_path):
     out = tmp_path / "flux_kohya.safetensors"
     result = CliRunner().invoke(app, ["export", str(dpo_run), "--format", "kohya", "--out", str(out)])
@@ -265,7 +279,9 @@ def test_kohya_export_names_flux_modules_and_loads_back(dev_path, dpo_run, tmp_p
     assert "lora_transformer_transformer_blocks_0_attn_to_q.lora_down.weight" in keys
     assert "lora_transformer_single_transformer_blocks_0_attn_to_k.lora_up.weight" in keys
     assert "lora_transformer_transformer_blocks_0_attn_to_out_0.alpha" in keys
-    assert all(k.startswith("lora_transformer_") for k in keys)
+    modules = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in keys}
+    assert len(modules) == 3 * 1 + 4 * 1  # q, k, v of the single block; q, k, v, to_out.0 of the double block
+    assert modules <= _comfy_names(double=1, single=1)  # every exported module has a ComfyUI target
     assert meta["ss_base_model_version"] == "flux1" and meta["modelspec.architecture"] == "flux-1-dev/lora"
 
     fp32 = tmp_path / "flux_kohya_fp32.safetensors"
