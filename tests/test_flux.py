@@ -322,8 +322,9 @@ def test_lora_and_diffusers_exports_of_a_flux_run(dev_path, dpo_run, tmp_path):
 def test_flux_preset_trains_a_step(dev_path, data, tmp_path):
     args = ["train", "dpo", "--config", "flux_dpo_lora", "--model", str(dev_path), "--data", data["dpo"]]
     args += ["--output_dir", str(tmp_path), "--resolution", "16", "--batch_size", "2", "--gradient_accumulation_steps"]
-    args += ["1", "--max_steps", "1", "--no-gradient_checkpointing", "--mixed_precision", "no", "--optimizer", "adamw"]
+    args += ["1", "--max_steps", "1", "--mixed_precision", "no", "--optimizer", "adamw"]  # gradient checkpointing on
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     cfg = yaml.safe_load((tmp_path / "final" / "config.yaml").read_text())
     assert cfg["proportion_empty_prompts"] == 0.0 and cfg["validation_guidance_scale"] == 3.5 and cfg["beta"] == 5000
+    assert cfg["gradient_checkpointing"] is True
