@@ -15,7 +15,7 @@ import yaml
 from diffalign.config import TrainConfig
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "src" / "diffalign" / "configs"
-MODELS = {"sd15": "SD1.5", "sdxl": "SDXL", "sd3": "SD3", "toy": "toy"}
+MODELS = {"sd15": "SD1.5", "sdxl": "SDXL", "sd3": "SD3", "sd35": "SD3.5", "flux": "FLUX.1", "toy": "toy"}
 METHODS = {"dpo": "dpo", "kto": "kto", "npo": "npo", "self_npo": "self-npo", "smpo": "smpo", "tdpo": "tdpo",
            "tkto": "tkto"}  # fmt: skip
 UNITS = {"kto": "images", "tkto": "images", "tdpo": "images", "self-npo": "captions"}

@@ -150,9 +150,9 @@ def test_hub_ids_only_when_online(tmp_path, monkeypatch):
 
 
 def test_unsupported_pipeline_class_lists_supported(tmp_path):
-    (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    (tmp_path / "model_index.json").write_text('{"_class_name": "PixArtAlphaPipeline"}')
     with pytest.raises(
-        ValueError, match=r"'FluxPipeline'; supported pipeline classes are \['StableDiffusion3Pipeline'"
+        ValueError, match=r"'PixArtAlphaPipeline'; supported pipeline classes are \['FluxPipeline', 'StableDiffusion3"
     ):
         load_backbone(tmp_path)
 

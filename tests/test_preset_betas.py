@@ -33,6 +33,8 @@ PRESET_BETAS = {
     "sd15_tdpo": (5000, "TDPO on the Diffusion-DPO official launcher value; TPO's own not checked"),
     "sd15_smpo": (2000, "SmPO official examples/sd15.sh, DPO convention with the ½ (as cited in the preset)"),
     "sdxl_smpo": (5000, "SmPO official examples/sdxl.sh, DPO convention with the ½ (as cited in the preset)"),
+    "flux_dpo_lora": (5000, "no published FLUX DPO recipe: Diffusion-DPO's SD/SDXL value on velocity errors"),
+    "sd35_dpo_lora": (5000, "no published SD3.5 DPO recipe: Diffusion-DPO's SD/SDXL value on velocity errors"),
     # toy presets: tuned on the toy world's validation split (README "How the presets were chosen")
     "toy_dpo": (10000, "toy: tuned"),
     "toy_kto": (5000, "toy: tuned"),

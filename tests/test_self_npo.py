@@ -142,7 +142,7 @@ def test_flow_chain_step_is_the_euler_step(tiny_sd3_path):
 
 
 def test_guided_teacher_and_defaults(tiny_sd_path, captions_txt, tmp_path):
-    assert DEFAULT_GUIDANCE == {"sd": -1.0, "sdxl": -5.0, "sd3": -1.0}
+    assert DEFAULT_GUIDANCE == {"sd": -1.0, "sdxl": -5.0, "sd3": -1.0, "flux": -1.0}
     trainer = SelfNPOTrainer(_cfg(tiny_sd_path, captions_txt, tmp_path, guidance_weight=2.0))
     trainer.setup()
     assert trainer.start == "noise" and trainer.guidance_weight == 2.0

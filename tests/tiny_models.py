@@ -21,6 +21,8 @@ from diffusers import (
     DDIMScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -49,7 +51,7 @@ LATENT_CHANNELS = 4
 CLIP_VOCAB = 512  # ≥ the word tokenizer's size (checked in `_tokenizer`)
 
 
-def _vae(**kwargs) -> AutoencoderKL:
+def _vae(latent_channels: int = LATENT_CHANNELS, **kwargs) -> AutoencoderKL:
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -57,7 +59,7 @@ def _vae(**kwargs) -> AutoencoderKL:
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
         block_out_channels=(32, 64),
         layers_per_block=1,
-        latent_channels=LATENT_CHANNELS,
+        latent_channels=latent_channels,
         norm_num_groups=32,
         sample_size=16,
         **kwargs,
@@ -179,11 +181,21 @@ def make_tiny_sdxl(path: str | Path, width_2: int = CLIP_WIDTH) -> Path:
     return _save(pipe, path)
 
 
-def make_tiny_sd3(path: str | Path, with_t5: bool = False) -> Path:
+SD3_LAYOUTS = {
+    "sd3": {},
+    "sd35_medium": {"dual_attention_layers": (0,), "qk_norm": "rms_norm"},  # MMDiT-X: self-attention in layer 0
+    "sd35_large": {"qk_norm": "rms_norm"},
+}
+"""Transformer config differences between SD3-medium, SD3.5-medium and SD3.5-large (their `transformer/config.json`:
+3.5 adds RMS q/k normalisation; 3.5-medium adds a second, image-only attention to its first 13 blocks)."""
+
+
+def make_tiny_sd3(path: str | Path, with_t5: bool = False, layout: str = "sd3") -> Path:
     """Write a tiny `StableDiffusion3Pipeline` folder (CLIP-L/G stand-ins with projection, optional T5).
 
     Without T5 (`with_t5=False`) `text_encoder_3`/`tokenizer_3` are saved as `null`, like running SD3 without T5; the
-    pipeline then feeds zeros in place of the T5 tokens.
+    pipeline then feeds zeros in place of the T5 tokens. `layout` picks the transformer of SD3 (`"sd3"`), SD3.5-medium
+    (`"sd35_medium"`) or SD3.5-large (`"sd35_large"`), see `SD3_LAYOUTS`.
     """
     path = Path(path)
     torch.manual_seed(0)
@@ -203,6 +215,7 @@ def make_tiny_sd3(path: str | Path, with_t5: bool = False) -> Path:
         caption_projection_dim=16,  # = heads × head dim (the text stream runs at the transformer width)
         pooled_projection_dim=2 * PROJECTION_DIM,
         pos_embed_max_size=16,
+        **SD3_LAYOUTS[layout],
     )
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
@@ -232,3 +245,56 @@ def _save(pipe, path: Path) -> Path:
     pipe.save_pretrained(path)
     shutil.rmtree(path / "_scratch", ignore_errors=True)
     return path
+
+
+FLUX_LATENT_CHANNELS = 16
+
+
+def make_tiny_flux(path: str | Path, guidance_embeds: bool = True, dynamic_shift: bool = True) -> Path:
+    """Write a tiny `FluxPipeline` folder in the FLUX.1 layout: CLIP-L stand-in (pooled output only), T5 (sequence),
+    a 16-channel VAE with scaling and shift factors, and a `FluxTransformer2DModel` over packed 2x2 latents.
+
+    Args:
+        guidance_embeds (`bool`, *optional*, defaults to `True`): FLUX.1-dev (guidance-distilled, a guidance
+            embedding) when True; FLUX.1-schnell (no guidance embedding) when False.
+        dynamic_shift (`bool`, *optional*, defaults to `True`): the scheduler of FLUX.1-dev (`use_dynamic_shifting`,
+            shift 3.0); False gives schnell's static `shift=1.0` scheduler.
+    """
+    path = Path(path)
+    torch.manual_seed(0)
+    text_encoder, tokenizer = _clip(CLIPTextModel, path / "_scratch" / "tok", projection=False)
+    t5_width = 32
+    text_encoder_2, tokenizer_2 = _t5(t5_width)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * FLUX_LATENT_CHANNELS,  # 2x2 packed patches
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=t5_width,
+        pooled_projection_dim=CLIP_WIDTH,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+    )
+    if dynamic_shift:  # FLUX.1-dev's scheduler config
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+            base_image_seq_len=256, max_image_seq_len=4096,
+        )  # fmt: skip
+    else:  # FLUX.1-schnell's
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    vae = _vae(
+        latent_channels=FLUX_LATENT_CHANNELS, scaling_factor=1.5, shift_factor=0.1, use_quant_conv=False,
+        use_post_quant_conv=False,
+    )  # fmt: skip
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+    return _save(pipe, path)

@@ -12,16 +12,23 @@ from pathlib import Path
 import torch
 
 from diffalign.backbones.base import Backbone, ModelNotFoundError, PipelineBackbone, resolve_model_path
+from diffalign.backbones.flux import FluxBackbone
 from diffalign.backbones.sd import SDBackbone
 from diffalign.backbones.sd3 import SD3Backbone
 from diffalign.backbones.sdxl import SDXLBackbone
 
-BACKBONES: dict[str, type[PipelineBackbone]] = {"sd": SDBackbone, "sdxl": SDXLBackbone, "sd3": SD3Backbone}
+BACKBONES: dict[str, type[PipelineBackbone]] = {
+    "sd": SDBackbone,
+    "sdxl": SDXLBackbone,
+    "sd3": SD3Backbone,
+    "flux": FluxBackbone,
+}
 PIPELINE_FAMILIES = {cls.pipeline_class.__name__: name for name, cls in BACKBONES.items()}
 
 __all__ = [
     "BACKBONES",
     "Backbone",
+    "FluxBackbone",
     "ModelNotFoundError",
     "PIPELINE_FAMILIES",
     "PipelineBackbone",
@@ -34,8 +41,8 @@ __all__ = [
 
 
 def detect_family(path_or_id: str | Path) -> str:
-    """The backbone family (`"sd"`, `"sdxl"`, `"sd3"`) of a pipeline folder or Hub id, from its `model_index.json`
-    `_class_name`.
+    """The backbone family (`"sd"`, `"sdxl"`, `"sd3"`, `"flux"`) of a pipeline folder or Hub id, from its
+    `model_index.json` `_class_name`.
 
     Raises:
         ModelNotFoundError: not a local pipeline folder and the Hub cannot be used (see `resolve_model_path`).

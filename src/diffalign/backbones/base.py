@@ -1,11 +1,11 @@
-"""The shared adapter layer: one interface over SD1.x/2.x, SDXL and SD3-family models.
+"""The shared adapter layer: one interface over SD1.x/2.x, SDXL, SD3-family and FLUX.1 models.
 
 Trainers only ever talk to a `Backbone`. Every noising process used here is written as
 
     x_t = alpha_t * x0 + sigma_t * eps
 
 with `(alpha_t, sigma_t) = (sqrt(ᾱ_t), sqrt(1 - ᾱ_t))` for the DDPM/VP family (SD1.x/2.x, SDXL) and
-`(1 - σ, σ)` for rectified flow (SD3 family). All conversions between x0, ε, v and the model output follow from
+`(1 - σ, σ)` for rectified flow (SD3 family, FLUX.1). All conversions between x0, ε, v and the model output follow from
 `alpha_sigma(t)`, so trainers never need to know which family they are training.
 
 Shapes: `N` = number of images in a call (2B for a DPO batch of B pairs); latents are `[N, C, h, w]`.
@@ -28,7 +28,7 @@ class Backbone(ABC):
     """A text-to-image diffusion model seen as: encoders, a denoiser, and a noising process.
 
     Class attributes (capabilities):
-        family (`str`): `"sd"`, `"sdxl"` or `"sd3"`.
+        family (`str`): `"sd"`, `"sdxl"`, `"sd3"` or `"flux"`.
         denoiser_subfolder (`str`): `"unet"` or `"transformer"`; where `save_full` writes.
         lora_target_modules (`tuple[str, ...]`): module names LoRA attaches to by default.
 
@@ -70,6 +70,11 @@ class Backbone(ABC):
         """The text conditioning of CFG's unconditional branch, batch 1, as the model's own pipeline builds it when
         no negative prompt is given: `encode_prompts([""])` unless the backbone overrides it."""
         return self.encode_prompts([""])
+
+    def check_cfg_branch(self, purpose: str) -> None:
+        """Raise (a `ValueError` naming why) when `purpose` needs classifier-free guidance's unconditional branch and
+        the model has none — a guidance-distilled FLUX.1-dev; every other family has one."""
+        return None
 
     @abstractmethod
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:

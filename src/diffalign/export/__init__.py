@@ -58,7 +58,7 @@ def export_run(
     out.mkdir(parents=True, exist_ok=True)
     shutil.copy2(weights.source / LORA_FILE, out / LORA_FILE)
     files = {}
-    if weights.family in ("sd", "sdxl"):
+    if weights.family in ("sd", "sdxl", "flux"):
         kohya = export_kohya(weights, out / f"{out.name}_kohya.safetensors")
         files["kohya"] = kohya.name
     write_card(weights, out, "lora", repo_id, files)

@@ -7,7 +7,12 @@ from pathlib import Path
 
 from diffalign.export.runs import RunWeights
 
-PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}
+PIPELINES = {
+    "sd": "StableDiffusionPipeline",
+    "sdxl": "StableDiffusionXLPipeline",
+    "sd3": "StableDiffusion3Pipeline",
+    "flux": "FluxPipeline",
+}
 HYPERPARAMETERS = ("beta", "lora_rank", "lora_alpha", "learning_rate", "batch_size", "gradient_accumulation_steps",
                    "max_steps", "resolution", "mixed_precision", "seed")  # fmt: skip
 

@@ -10,6 +10,13 @@ Format (kohya sd-scripts `networks/lora.py`): per adapted module `<name>.lora_do
 - SDXL UNet: kohya trains SDXL on the SGM layout, so its names are `lora_unet_input_blocks_4_1_transformer_blocks_0_…`.
   ComfyUI accepts `lora_unet_` + any SGM weight name; AUTOMATIC1111 replaces `lora_unet` by `diffusion_model`.
 - Text encoders: transformers CLIP paths, `lora_te_text_model_encoder_layers_0_self_attn_q_proj`.
+- FLUX.1 transformer: `lora_transformer_` + the diffusers module path
+  (`lora_transformer_transformer_blocks_0_attn_to_q`, `lora_transformer_single_transformer_blocks_0_attn_to_k`), the
+  naming OneTrainer writes. ComfyUI maps every
+  diffusers FLUX module to its BFL weight (or the q/k/v slice of the fused `qkv`/`linear1`) under exactly this name
+  (`comfy.lora.model_lora_keys_unet`, "onetrainer"); diffusers reads it back in
+  `lora_conversion_utils._convert_kohya_flux_lora_to_diffusers`. kohya sd-scripts' own FLUX names
+  (`lora_unet_double_blocks_0_img_attn_qkv`) fuse q, k and v into one LoRA of the BFL layout; they are not written.
 
 diffusers reads both namings back (`load_lora_weights` converts kohya/SGM names), which the tests use to check that a
 kohya file gives the same images as the native diffusers file.
@@ -28,9 +35,14 @@ from diffalign.export.runs import RunWeights
 KOHYA_PREFIXES = {
     "sd": {"unet": "lora_unet", "text_encoder": "lora_te"},
     "sdxl": {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
+    "flux": {"transformer": "lora_transformer", "text_encoder": "lora_te1"},
 }
-BASE_MODEL_VERSION = {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0"}
-ARCHITECTURE = {"sd": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
+BASE_MODEL_VERSION = {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0", "flux": "flux1"}
+ARCHITECTURE = {
+    "sd": "stable-diffusion-v1/lora",
+    "sdxl": "stable-diffusion-xl-v1-base/lora",
+    "flux": "flux-1-dev/lora",
+}
 
 
 def kohya_names(run: RunWeights) -> dict[str, str]:
@@ -40,15 +52,15 @@ def kohya_names(run: RunWeights) -> dict[str, str]:
                           "single-file or diffusers")  # fmt: skip
     if run.family not in KOHYA_PREFIXES:
         raise ConfigError(
-            f"`--format kohya` supports SD1.x/2.x and SDXL, got a {run.family!r} run; SD3 LoRAs in diffusers format "
-            "already load in ComfyUI/Forge: use --format lora"
+            f"`--format kohya` supports SD1.x/2.x, SDXL and FLUX.1, got a {run.family!r} run; SD3 LoRAs in diffusers "
+            "format already load in ComfyUI/Forge: use --format lora"
         )
     return module_names(run.family, list(run.lora), _unet_config(run.base) if run.family == "sdxl" else None)
 
 
 def module_names(family: str, modules: list[str], unet_config: dict | None = None) -> dict[str, str]:
-    """`{diffusers module: kohya name}` for `family` (`"sd"` or `"sdxl"`); SDXL needs the UNet config (its block
-    layout decides the SGM numbering)."""
+    """`{diffusers module: kohya name}` for `family` (`"sd"`, `"sdxl"` or `"flux"`); SDXL needs the UNet config (its
+    block layout decides the SGM numbering)."""
     prefixes = KOHYA_PREFIXES[family]
     table = unet_block_table(unet_config) if family == "sdxl" else None
     names = {}
@@ -56,7 +68,7 @@ def module_names(family: str, modules: list[str], unet_config: dict | None = Non
         component, path = module.split(".", 1)
         if component not in prefixes:
             raise ConfigError(f"LoRA module {module!r} belongs to {component!r}, which kohya files cannot name")
-        if component == "unet":
+        if component in ("unet", "transformer"):
             path = unet_name_to_sgm(path, table) if table is not None else path
         else:
             path = next(iter(hf_clip_keys({path: None})))
@@ -105,11 +117,21 @@ def kohya_metadata(run: RunWeights, output_name: str) -> dict[str, str]:
         "ss_mixed_precision": str(cfg.get("mixed_precision", "")),
         "ss_training_comment": _comment(run),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": ARCHITECTURE[run.family],
+        "modelspec.architecture": _architecture(run),
         "modelspec.title": output_name,
         "diffalign_negative_adapter": str(run.is_negative),
     }
     return {k: v for k, v in meta.items() if v not in ("", "None")}
+
+
+def _architecture(run: RunWeights) -> str:
+    """Stability's model-spec architecture id; FLUX.1 dev and schnell differ by the guidance embedding."""
+    if run.family == "flux":
+        from diffusers import FluxTransformer2DModel
+
+        config = FluxTransformer2DModel.load_config(run.base, subfolder="transformer")
+        return "flux-1-dev/lora" if config.get("guidance_embeds") else "flux-1-schnell/lora"
+    return ARCHITECTURE[run.family]
 
 
 def _num(value) -> str:

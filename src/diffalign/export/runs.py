@@ -38,7 +38,7 @@ class RunWeights:
         source (`Path`): the folder the weights came from (`final/` or `checkpoint-N/`).
         run_dir (`Path`): the run's output folder.
         config (`dict`): the resolved training config (`model` = base pipeline folder, `lora_rank`, `beta`, ...).
-        family (`str`): `"sd"`, `"sdxl"` or `"sd3"` (from the base pipeline's `model_index.json`).
+        family (`str`): `"sd"`, `"sdxl"`, `"sd3"` or `"flux"` (from the base pipeline's `model_index.json`).
         method (`str | None`): `dpo`, `npo`, ... when it can be known.
         step (`int | None`): optimizer steps behind these weights.
         lora (`dict[str, tuple[Tensor, Tensor]] | None`): `{module: (down, up)}` for LoRA runs.
@@ -113,7 +113,7 @@ def load_run(path: str | Path, config: str | Path | None = None, method: str | N
         run.lora, run.lora_alpha = read_lora_file(source / LORA_FILE)
         run.lora_alpha = run.lora_alpha or cfg.get("lora_alpha") or run.lora_rank
     elif (source / "trainable.safetensors").is_file():
-        run.lora = _read_peft(source / "trainable.safetensors", "unet" if family != "sd3" else "transformer")
+        run.lora = _read_peft(source / "trainable.safetensors", "unet" if family in ("sd", "sdxl") else "transformer")
         run.lora_alpha = float(cfg.get("lora_alpha") or run.lora_rank)
     elif is_checkpoint:
         from safetensors.torch import load_file

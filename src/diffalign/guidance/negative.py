@@ -277,7 +277,9 @@ def attach_negative_adapter(
         `NegativeAdapterHandle`; `handle.remove()` restores the pipeline.
 
     Raises:
-        ValueError: α ≠ 1 with neither `base` nor a LoRA η; a negative adapter is already attached; fused LoRA layers.
+        ValueError: α ≠ 1 with neither `base` nor a LoRA η; a negative adapter is already attached; fused LoRA layers;
+            a guidance-distilled model (FLUX.1-dev: no unconditional branch) or a pipeline that does not stack
+            `[uncond, cond]` into one call (`FluxPipeline`'s true CFG).
         FileNotFoundError: `negative` does not exist.
 
     Example:
@@ -291,6 +293,17 @@ def attach_negative_adapter(
     """
     component = denoiser_name(pipe)
     denoiser = getattr(pipe, component)
+    if getattr(denoiser.config, "guidance_embeds", False):
+        raise ValueError(
+            "a negative adapter replaces classifier-free guidance's unconditional branch, but this "
+            f"{type(pipe).__name__} is guidance-distilled (`guidance_embeds=True`, e.g. FLUX.1-dev): it has no "
+            "unconditional branch"
+        )
+    if not hasattr(type(pipe), "do_classifier_free_guidance"):
+        raise ValueError(
+            f"{type(pipe).__name__} does not stack [uncond, cond] into one denoiser call (no "
+            "`do_classifier_free_guidance`), which negative adapters hook; use an SD, SDXL or SD3 pipeline"
+        )
     if getattr(denoiser, _ATTR, None) is not None:
         raise ValueError("a negative adapter is already attached to this pipeline; call `handle.remove()` first")
     for name, value in (("alpha", alpha), ("beta", beta)):

@@ -9,7 +9,8 @@ the same timestep, which is what makes sampling the exact inverse of a converged
   (`timestep_spacing`, `steps_offset`); a sampling step at t goes to t − T/n, and the last one to the clean level
   ᾱ = 1 (`set_alpha_to_one`) or ᾱ_0.
 - Rectified flow (SD3 family): the σ grid of `FlowMatchEulerDiscreteScheduler` (with its `shift`), ending at σ = 0;
-  the model timestep is σ·T.
+  the model timestep is σ·T. FLUX: the grid `FluxPipeline` samples on (`FluxBackbone.sampling_sigmas`), shifted for
+  the image size.
 """
 
 from __future__ import annotations
@@ -39,17 +40,19 @@ class Schedule:
         return Schedule(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
 
 
-def sampling_schedule(backbone: Backbone, num_steps: int) -> Schedule:
-    """The `num_steps`-step DDIM (VP) or flow-Euler (SD3) grid of `backbone`'s inference scheduler config.
+def sampling_schedule(backbone: Backbone, num_steps: int, resolution: int | None = None) -> Schedule:
+    """The `num_steps`-step DDIM (VP) or flow-Euler (SD3, FLUX) grid of `backbone`'s inference scheduler config.
 
     Args:
         backbone (`Backbone`): a loaded backbone with a `scheduler` (any diffusers scheduler of the pipeline).
         num_steps (`int`): number of sampling (= inversion) steps, ≥ 1.
+        resolution (`int`, *optional*): image side in pixels; needed only by schedulers whose shift depends on the
+            image size (FLUX's `use_dynamic_shifting`).
     """
     if num_steps < 1:
         raise ValueError(f"`num_steps` must be >= 1, got {num_steps}")
     if backbone.prediction_type == "flow_matching":
-        return _flow_schedule(backbone, num_steps)
+        return _flow_schedule(backbone, num_steps, resolution)
     return _vp_schedule(backbone, num_steps)
 
 
@@ -69,17 +72,20 @@ def _vp_schedule(backbone: Backbone, num_steps: int) -> Schedule:
     )
 
 
-def _flow_schedule(backbone: Backbone, num_steps: int) -> Schedule:
+def _flow_schedule(backbone: Backbone, num_steps: int, resolution: int | None = None) -> Schedule:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    flow = FlowMatchEulerDiscreteScheduler.from_config(backbone.scheduler.config)
-    if flow.config.get("use_dynamic_shifting", False):
-        raise ValueError(
-            "the scheduler uses dynamic shifting (`use_dynamic_shifting=True`), which needs the image size; "
-            "SD3/SD3.5 pipelines do not use it"
-        )
-    flow.set_timesteps(num_steps)
-    sigmas = flow.sigmas.double()  # descending, ending with 0
+    if hasattr(backbone, "sampling_sigmas"):  # FLUX: the pipeline's own σ grid and resolution shift
+        sigmas = backbone.sampling_sigmas(num_steps, resolution).double()
+    else:
+        flow = FlowMatchEulerDiscreteScheduler.from_config(backbone.scheduler.config)
+        if flow.config.get("use_dynamic_shifting", False):
+            raise ValueError(
+                "the scheduler uses dynamic shifting (`use_dynamic_shifting=True`), which needs the image size; "
+                "SD3/SD3.5 pipelines do not use it"
+            )
+        flow.set_timesteps(num_steps)
+        sigmas = flow.sigmas.double()  # descending, ending with 0
     s_to = sigmas[:-1].flip(0)
     s_from = sigmas[1:].flip(0)
     timesteps = (s_to * backbone.num_train_timesteps).float()

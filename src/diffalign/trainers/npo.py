@@ -42,3 +42,7 @@ class NPOTrainer(DPOTrainer):
     method = "npo"
     config_class = NPOConfig
     swap_pairs = True
+
+    def setup(self) -> None:
+        super().setup()
+        self.backbone.check_cfg_branch("`train npo` (δ is a negative adapter for the unconditional branch)")

@@ -42,9 +42,9 @@ from diffalign.trainers.callbacks import Callback
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_GUIDANCE = {"sd": -1.0, "sdxl": -5.0, "sd3": -1.0}
-"""Teacher guidance weight w per family: SD1.5 −1 and SDXL −5 are the released recipes; SD3 has no released recipe and
-uses the SD1.5 choice (purely unconditional teacher)."""
+DEFAULT_GUIDANCE = {"sd": -1.0, "sdxl": -5.0, "sd3": -1.0, "flux": -1.0}
+"""Teacher guidance weight w per family: SD1.5 −1 and SDXL −5 are the released recipes; SD3 and FLUX.1-schnell have no
+released recipe and use the SD1.5 choice (purely unconditional teacher). Guidance-distilled FLUX.1-dev is refused."""
 
 CAPTION_SUFFIXES = (".txt", ".json")
 
@@ -124,6 +124,7 @@ class SelfNPOTrainer(Trainer):
 
     def setup(self) -> None:
         super().setup()
+        self.backbone.check_cfg_branch("`train self-npo` (a CFG-guided teacher; δ goes into the unconditional branch)")
         self.ref_copy = None  # Self-NPO has no reference term; the teacher is the EMA below
         self.teacher = TeacherEMACallback(self.config.teacher_ema_decay)
         self.teacher.on_setup(self)

@@ -78,7 +78,8 @@ class SmPOTrainer(Trainer):
     def setup(self) -> None:
         super().setup()
         cfg = self.config
-        self.inversion_schedule = sampling_schedule(self.backbone, cfg.inversion_steps).to(self.accelerator.device)
+        schedule = sampling_schedule(self.backbone, cfg.inversion_steps, resolution=cfg.resolution)
+        self.inversion_schedule = schedule.to(self.accelerator.device)
         land = cfg.land_on_timestep
         self.land_on_timestep = land if land is not None else self.backbone.prediction_type == "flow_matching"
         self.renoise = ReNoiseConfig(
