@@ -62,11 +62,14 @@ class DemoMethod:
         name (`str`): the trainer's method name (`diffalign train <name>`).
         build_data (`Callable[[DemoContext], str]`): writes training data under `ctx.data_dir`, returns its path.
         eval_models (`Callable[[DemoContext, Path], dict]`): `final/` folder → the `models` mapping of the eval.
+        train (`Callable[[DemoContext, str], Path]`, *optional*): data → `final/`, for a method that is not one
+            training run (SAIL); default: `train_method` with the method's toy preset.
     """
 
     name: str
     build_data: Callable[[DemoContext], str]
     eval_models: Callable[[DemoContext, Path], dict]
+    train: Callable[[DemoContext, str], Path] | None = None  # default: `train_method` with the toy preset
 
 
 DEMO_METHODS: dict[str, DemoMethod] = {}
@@ -241,7 +244,7 @@ def run_demo(method: str = "dpo", out: str | Path = "demo_out", quick: bool = Fa
     data = spec.build_data(ctx)
     timings["data"] = time.perf_counter() - start
     start = time.perf_counter()
-    final = train_method(ctx, method, data)
+    final = spec.train(ctx, data) if spec.train is not None else train_method(ctx, method, data)
     timings["train"] = time.perf_counter() - start
     start = time.perf_counter()
     results = evaluate(ctx, spec.eval_models(ctx, final))
@@ -266,6 +269,9 @@ def format_summary(results: dict, out: str | Path) -> str:
     if t:
         lines.append("")
         lines.append(", ".join(f"{k} {v:.0f} s" for k, v in t.items()) + f" (total {sum(t.values()):.0f} s)")
+    from .sail_demo import rounds_summary
+
+    lines += rounds_summary(out) if "sail" in models else []
     report = Path(out) / "report"
     lines.append(f"report: {report / 'report.md'} · grid: {report / 'grid.png'} · results: {report / 'results.json'}")
     return "\n".join(lines)
@@ -310,3 +316,7 @@ SELF_NPO_BETA = 0.5
 register_demo(
     DemoMethod("self-npo", toy_caption_list, lambda ctx, final: negative_vs_cfg(ctx, final, "self-npo", SELF_NPO_BETA))
 )
+# SAIL: round 0 = DPO on 6 % of the DPO demo's pairs, then self-labelled rounds; compared with DPO on the seed and on all
+from .sail_demo import sail_models, seed_pairs, train_sail  # noqa: E402
+
+register_demo(DemoMethod("sail", seed_pairs, sail_models, train=train_sail))
