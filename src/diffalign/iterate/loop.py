@@ -38,7 +38,7 @@ from .labelers import ImplicitRewardLabeler, RewardLabeler, concordance, diversi
 from .weights import LORA_FILE, concat_loras, fuse_into_pipeline
 
 logger = logging.getLogger(__name__)
-RESUMABLE_CHANGES = {"rounds", "stop_on_collapse", "collapse_diversity", "collapse_confidence"}
+RESUMABLE_CHANGES = {"output_dir", "rounds", "stop_on_collapse", "collapse_diversity", "collapse_confidence"}
 
 
 def run_sail(cfg: SAILConfig) -> Path:
@@ -102,7 +102,12 @@ def self_label_round(cfg: SAILConfig, k: int, rdir: Path, start: str, anchor: st
     defaults = sampling_defaults(start)
     steps = cfg.num_inference_steps or defaults["num_inference_steps"]
     scale = cfg.guidance_scale if cfg.guidance_scale is not None else defaults["guidance_scale"]
-    settings = {"model": start, "num_inference_steps": steps, "guidance_scale": scale, "scheduler": cfg.scheduler}
+    settings = {
+        "model": f"round-{k}/model",
+        "num_inference_steps": steps,
+        "guidance_scale": scale,
+        "scheduler": cfg.scheduler,
+    }
     settings["resolution"] = cfg.sample_resolution
     check_settings(rdir / "samples", settings)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -314,7 +319,8 @@ def _prompt_plan(out: Path, cfg: SAILConfig) -> list[list[str]]:
 
 
 def _check_same_run(out: Path, cfg: SAILConfig) -> None:
-    """A run folder continues only the same settings (`rounds` and the collapse knobs may change)."""
+    """A run folder continues only the same settings (`rounds` and the collapse knobs may change; the folder may
+    have moved)."""
     file = out / "sail_config.yaml"
     if file.is_file():
         import yaml
