@@ -79,8 +79,9 @@ def run(tmp_path_factory):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "sail_rounds.jsonl" in result.output
-    watched = ["round-0/done.json", "round-0/train/final/pytorch_lora_weights.safetensors", "round-1/done.json",
-               "round-1/labels.jsonl", "round-1/train/final/pytorch_lora_weights.safetensors", "round-1/samples"]  # fmt: skip
+    lora = "train/final/pytorch_lora_weights.safetensors"
+    watched = ["round-0/done.json", f"round-0/{lora}", "round-1/done.json", "round-1/labels.jsonl", f"round-1/{lora}",
+               "round-1/samples"]  # fmt: skip
     mtimes = {p: (out / p).stat().st_mtime_ns for p in watched}
     final = diffalign.train("sail", {**SETTINGS, "data": str(seed), "output_dir": str(out), "rounds": 2})
     assert final == out / "final"

@@ -209,8 +209,8 @@ def mix_pairs(cfg: SAILConfig, k: int, rdir: Path, health: dict) -> Path:
     root = source_root(cfg.data)
     seed = pd.DataFrame({
         "caption": cells["caption"], "label_0": [float(x) for x in cells["label_0"]],
-        "label_1": [float(x) for x in cells["label_1"]],
-        "jpg_0": [image_bytes(c, root) for c in cells["jpg_0"]], "jpg_1": [image_bytes(c, root) for c in cells["jpg_1"]],
+        "label_1": [float(x) for x in cells["label_1"]], "jpg_0": [image_bytes(c, root) for c in cells["jpg_0"]],
+        "jpg_1": [image_bytes(c, root) for c in cells["jpg_1"]],
         "source": "seed", "round": 0,
     })  # fmt: skip
     columns = ["caption", "jpg_0", "jpg_1", "label_0", "label_1", "source", "round"]

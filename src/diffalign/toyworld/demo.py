@@ -316,7 +316,7 @@ SELF_NPO_BETA = 0.5
 register_demo(
     DemoMethod("self-npo", toy_caption_list, lambda ctx, final: negative_vs_cfg(ctx, final, "self-npo", SELF_NPO_BETA))
 )
-# SAIL: round 0 = DPO on 6 % of the DPO demo's pairs, then self-labelled rounds; compared with DPO on the seed and on all
+# SAIL: round 0 = DPO on 6 % of the DPO demo's pairs, then self-labelled rounds; vs DPO on the seed and on all
 from .sail_demo import sail_models, seed_pairs, train_sail  # noqa: E402
 
 register_demo(DemoMethod("sail", seed_pairs, sail_models, train=train_sail))

@@ -1,6 +1,6 @@
 """`diffalign demo --method sail`: SAIL from ~6 % of the toy DPO pairs, against DPO on that seed and DPO on all.
 
-1. data: the DPO demo's right-vs-wrong pairs (`curated_pairs`), and a seeded 6 % of them → `DIR/data/seed_pairs.parquet`;
+1. data: the DPO demo's right-vs-wrong pairs (`curated_pairs`), a seeded 6 % of them → `DIR/data/seed_pairs.parquet`;
 2. train: `run_sail` → `DIR/sail/` (round 0 = DPO on the seed from the base, then `SAIL_ROUNDS` self-labelled rounds on
    disjoint halves of the `train` captions; every round's LoRA over the base at `DIR/sail/round-<k>/final`, the last
    also at `DIR/sail/final`), and the DPO demo's run on all pairs → `DIR/dpo/` (reused when present);
@@ -41,9 +41,9 @@ def sail_config(ctx, seed: str):
     from .sampling import pipeline_path
 
     train = read_yaml("toy_dpo")
-    settings = {"model": str(pipeline_path()), "data": seed, "prompts": "toy:train", "output_dir": str(ctx.out / "sail"),
-                "rounds": SAIL_ROUNDS, "candidates": 8, "noise_draws": 10, "heldout_reward": "toy", "train": train,
-                "sample_batch_size": 64, "label_batch_size": 80, "device": "cpu"}  # fmt: skip
+    settings = {"model": str(pipeline_path()), "data": seed, "prompts": "toy:train", "rounds": SAIL_ROUNDS,
+                "output_dir": str(ctx.out / "sail"), "candidates": 8, "noise_draws": 10, "heldout_reward": "toy",
+                "train": train, "sample_batch_size": 64, "label_batch_size": 80, "device": "cpu"}  # fmt: skip
     if ctx.quick:
         train.update(max_steps=2, checkpointing_steps=0, batch_size=4)
         settings.update(prompts_per_round=3, candidates=3, noise_draws=2)
