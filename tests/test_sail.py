@@ -192,3 +192,16 @@ def test_a_killed_round_resumes_and_other_settings_are_refused(run):
     assert (out / "round-2" / "done.json").is_file() and (out / "final" / "sail.json").is_file()
     with pytest.raises(ConfigError, match="other settings \\(candidates\\)"):
         diffalign.train("sail", {**SETTINGS, "data": str(seed), "output_dir": str(out), "candidates": 4})
+
+
+def test_quick_sail_demo(tmp_path):
+    """`diffalign demo --method sail --quick`: rounds' LoRAs where the other demos put theirs, 5 models compared."""
+    from diffalign.toyworld.demo import format_summary, run_demo
+
+    results = run_demo("sail", tmp_path, quick=True)
+    for k in (0, 1, 2):
+        assert (tmp_path / "sail" / f"round-{k}" / "final" / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "sail" / "final" / "pytorch_lora_weights.safetensors").is_file()
+    assert set(results["models"]) == {"base", "dpo-seed", "sail-round-1", "sail", "dpo-all"}
+    summary = format_summary(results, tmp_path)
+    assert "sail vs base" in summary and "| 2 | 3 |" in summary  # round 2's line of the self-label table
