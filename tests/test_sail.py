@@ -205,3 +205,16 @@ def test_quick_sail_demo(tmp_path):
     assert set(results["models"]) == {"base", "dpo-seed", "sail-round-1", "sail", "dpo-all"}
     summary = format_summary(results, tmp_path)
     assert "sail vs base" in summary and "| 2 | 3 |" in summary  # round 2's line of the self-label table
+
+
+def test_round_health_goes_to_tensorboard(tmp_path, run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, seed, _ = run
+    out = tmp_path / "tb"
+    train = {**TRAIN, "max_steps": 1, "checkpointing_steps": 0, "report_to": "tensorboard"}
+    diffalign.train("sail", {**SETTINGS, "data": str(seed), "output_dir": str(out), "rounds": 1, "train": train})
+    events = EventAccumulator(str(out / "sail")).Reload()
+    logged = set(events.Tags()["scalars"])
+    assert {"sail/agreement", "sail/diversity", "sail/margin_median", "sail/train_loss"} <= logged
+    assert [e.step for e in events.Scalars("sail/train_loss")] == [0, 1]

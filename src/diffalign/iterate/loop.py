@@ -79,6 +79,7 @@ def run_sail(cfg: SAILConfig) -> Path:
         health["time_s"] = round(time.perf_counter() - began, 1)
         _atomic_write(rdir / "done.json", json.dumps({"final": str(last_final), "health": health}, indent=2))
         _write_rounds_log(out)
+        _track(out, cfg, health)
     if last_final is None:
         raise ConfigError(f"no round of {str(out)!r} finished")
     final = out / "final"
@@ -283,6 +284,36 @@ def _last_metrics(path: Path) -> dict:
     """The round's last training step (`loss`, `implicit_acc`, …), for the rounds log."""
     lines = path.read_text().splitlines() if path.is_file() else []
     return json.loads(lines[-1]) if lines else {}
+
+
+def _track(out: Path, cfg: SAILConfig, health: dict) -> None:
+    """The round's numeric health as `sail/<key>` at step = round, to the tracker the rounds use (`train.report_to`):
+    tensorboard → `OUT/sail/`, wandb → one run (`sail-rounds`, id kept in `OUT/wandb_id.txt`) resumed every round."""
+    report_to = cfg.train.get("report_to", "none")
+    if report_to == "none":
+        return
+    from accelerate.state import PartialState
+    from accelerate.tracking import TensorBoardTracker, WandBTracker
+
+    PartialState()  # the trackers' main-process guard needs a state; a finished round's trainer may have reset it
+    flat = {k: v for k, v in health.items() if k not in ("train", "mixup")}
+    flat |= {f"train_{k}": v for k, v in health.get("train", {}).items()}
+    numeric = {k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    scalars = {f"sail/{k}": float(v) for k, v in numeric.items()}
+    scalars["sail/collapse_warnings"] = float(len(health.get("collapse_warning", [])))
+    if report_to == "tensorboard":
+        tracker = TensorBoardTracker("sail", out)
+    else:
+        id_file = out / "wandb_id.txt"
+        if not id_file.is_file():
+            import uuid
+
+            id_file.write_text(uuid.uuid4().hex[:12])
+        project = cfg.train.get("tracker_project_name", "diffalign")
+        tracker = WandBTracker(project, name="sail-rounds", id=id_file.read_text(), resume="allow", dir=str(out))
+    tracker.start()
+    tracker.log(scalars, step=health["round"])
+    tracker.finish()
 
 
 def _write_rounds_log(out: Path) -> None:
