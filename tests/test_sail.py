@@ -218,3 +218,20 @@ def test_round_health_goes_to_tensorboard(tmp_path, run):
     logged = set(events.Tags()["scalars"])
     assert {"sail/agreement", "sail/diversity", "sail/margin_median", "sail/train_loss"} <= logged
     assert [e.step for e in events.Scalars("sail/train_loss")] == [0, 1]
+
+
+def test_full_fine_tune_rounds_chain_their_weights(tmp_path, run):
+    """`lora_rank: 0`: the next round starts from the trained denoiser (swapped into the pipeline folder)."""
+    from safetensors.torch import load_file
+
+    _, seed, _ = run
+    out = tmp_path / "full"
+    train = {**TRAIN, "lora_rank": 0, "max_steps": 1, "checkpointing_steps": 0, "learning_rate": 1e-4}
+    diffalign.train("sail", {**SETTINGS, "data": str(seed), "output_dir": str(out), "rounds": 1, "train": train})
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    trained, started = (
+        load_file(out / "round-0" / "train" / "final" / weights),
+        load_file(out / "round-1" / "model" / weights),
+    )
+    assert trained.keys() == started.keys() and all(torch.equal(trained[k], started[k]) for k in trained)
+    assert (out / "final" / weights).is_file() and not (out / "final" / "pytorch_lora_weights.safetensors").exists()
