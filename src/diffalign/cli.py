@@ -87,8 +87,10 @@ def _make_train_command(method: str):
         cfg = load_config(cls.config_class, config, ctx.args)
         trainer = cls(cfg)
         final = trainer.train()
-        if trainer.accelerator.is_main_process:  # one line per run, not per process
-            typer.echo(f"final weights: {final}\nmetrics: {Path(cfg.output_dir) / 'metrics.jsonl'}")
+        acc = trainer.accelerator  # None for SAIL, whose rounds each have their own
+        if acc is None or acc.is_main_process:  # one line per run, not per process
+            metrics = getattr(trainer, "metrics_file", Path(cfg.output_dir) / "metrics.jsonl")
+            typer.echo(f"final weights: {final}\nmetrics: {metrics}")
 
     return command
 
@@ -374,7 +376,7 @@ def env_command(as_json: bool = typer.Option(False, "--json", help="print the re
 
 @app.command()
 def demo(
-    method: str = typer.Option("dpo", "--method", "-m", help="dpo, kto, npo, self-npo, smpo, tdpo or tkto."),
+    method: str = typer.Option("dpo", "--method", "-m", help="dpo, kto, npo, self-npo, smpo, tdpo, tkto or sail."),
     out: Path = typer.Option(Path("demo_out"), "--out", "-o", help="Output folder: data/, <method>/, report/."),
     quick: bool = typer.Option(False, "--quick", help="A seconds-long smoke run (few prompts, 2 steps)."),
 ) -> None:

@@ -242,3 +242,33 @@ def pseudo_huber(pred: torch.Tensor, target: torch.Tensor, c: float = 1e-3) -> t
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     count = mask.sum()
     return torch.where(count > 0, (values * mask).sum() / count.clamp(min=1), values.new_zeros(()))
+
+
+def dpo_implicit_reward(model_err: torch.Tensor, ref_err: torch.Tensor, beta: float) -> torch.Tensor:
+    """The Diffusion-DPO implicit reward of each image, as SAIL (He et al., ICLR 2026) uses it to label the model's
+    own samples:
+
+        r(c, x) = −β/2 · ( ‖ε − ε_θ(x_t, c, t)‖² − ‖ε − ε_ref(x_t, c, t)‖² ),   x_t = α_t·x + σ_t·ε
+
+    averaged over the (t, ε) draws. `r_A − r_B` is the `inside` of `dpo_loss` for the pair (A, B), so
+    `p(A ≻ B) = σ(r_A − r_B)`. The policy fitting an image better than the reference raises its reward; policy ==
+    reference gives 0. Only the ranking is used for labels, so β's value changes margins, never winners.
+
+    Not a loss: returns the rewards, no stats (nothing here is optimised).
+
+    Args:
+        model_err (`torch.Tensor` of shape `[K, N]` or `[N]`): policy errors of N images under K (t, ε) draws
+            (`per_sample_error`, mean over C, H, W); a draw is shared by all N candidates of a prompt.
+        ref_err (`torch.Tensor`, same shape): reference errors under the same draws.
+        beta (`float`): β in the official Diffusion-DPO convention (with the ½).
+
+    Returns:
+        `torch.Tensor` of shape `[N]`: the mean over draws of −½β(m − r), float32.
+    """
+    if model_err.shape != ref_err.shape:
+        raise ValueError(
+            f"`model_err` and `ref_err` must have the same shape, got {tuple(model_err.shape)} and "
+            f"{tuple(ref_err.shape)}"
+        )
+    reward = -0.5 * beta * (model_err.float() - ref_err.float())
+    return reward.mean(dim=0) if reward.ndim == 2 else reward

@@ -62,11 +62,14 @@ class DemoMethod:
         name (`str`): the trainer's method name (`diffalign train <name>`).
         build_data (`Callable[[DemoContext], str]`): writes training data under `ctx.data_dir`, returns its path.
         eval_models (`Callable[[DemoContext, Path], dict]`): `final/` folder → the `models` mapping of the eval.
+        train (`Callable[[DemoContext, str], Path]`, *optional*): data → `final/`, for a method that is not one
+            training run (SAIL); default: `train_method` with the method's toy preset.
     """
 
     name: str
     build_data: Callable[[DemoContext], str]
     eval_models: Callable[[DemoContext, Path], dict]
+    train: Callable[[DemoContext, str], Path] | None = None  # default: `train_method` with the toy preset
 
 
 DEMO_METHODS: dict[str, DemoMethod] = {}
@@ -241,7 +244,7 @@ def run_demo(method: str = "dpo", out: str | Path = "demo_out", quick: bool = Fa
     data = spec.build_data(ctx)
     timings["data"] = time.perf_counter() - start
     start = time.perf_counter()
-    final = train_method(ctx, method, data)
+    final = spec.train(ctx, data) if spec.train is not None else train_method(ctx, method, data)
     timings["train"] = time.perf_counter() - start
     start = time.perf_counter()
     results = evaluate(ctx, spec.eval_models(ctx, final))
@@ -266,6 +269,7 @@ def format_summary(results: dict, out: str | Path) -> str:
     if t:
         lines.append("")
         lines.append(", ".join(f"{k} {v:.0f} s" for k, v in t.items()) + f" (total {sum(t.values()):.0f} s)")
+    lines += rounds_summary(out) if "sail" in models else []
     report = Path(out) / "report"
     lines.append(f"report: {report / 'report.md'} · grid: {report / 'grid.png'} · results: {report / 'results.json'}")
     return "\n".join(lines)
@@ -310,3 +314,81 @@ SELF_NPO_BETA = 0.5
 register_demo(
     DemoMethod("self-npo", toy_caption_list, lambda ctx, final: negative_vs_cfg(ctx, final, "self-npo", SELF_NPO_BETA))
 )
+# SAIL (`diffalign demo --method sail`): SAIL from ~6 % of the toy DPO pairs, against DPO on that seed and on all.
+# 1. data: the DPO demo's right-vs-wrong pairs (`curated_pairs`) and a seeded 6 % of them → `seed_pairs.parquet`;
+# 2. train: `run_sail` → `DIR/sail/` (round 0 = DPO on the seed from the base, then `SAIL_ROUNDS` self-labelled
+#    rounds on disjoint halves of the `train` captions; every round's LoRA over the base at
+#    `DIR/sail/round-<k>/final`, the last also at `DIR/sail/final`), and the DPO demo's run on all pairs → `DIR/dpo/`
+#    (reused when present);
+# 3. evaluate: base, DPO on the seed (= SAIL's round 0), SAIL's rounds and DPO on all pairs, held-out captions.
+SEED_FRACTION = 0.06
+"""Share of the toy DPO pairs given to SAIL as its human seed (the paper: ~6 % of Pick-a-Pic v2)."""
+SAIL_ROUNDS = 2
+"""Self-labelled rounds after round 0 (the paper: 3 on SD1.5, 2 on SDXL)."""
+
+
+def seed_pairs(ctx: DemoContext) -> str:
+    """A seeded `SEED_FRACTION` of the DPO demo's pairs → `seed_pairs.parquet` (at least 2 rows)."""
+    import pandas as pd
+
+    pairs = pd.read_parquet(curated_pairs(ctx))
+    n = max(2, round(SEED_FRACTION * len(pairs)))
+    out = ctx.data_dir / "seed_pairs.parquet"
+    pairs.sample(n=n, random_state=0).reset_index(drop=True).to_parquet(out)
+    return str(out)
+
+
+def sail_config(ctx: DemoContext, seed: str):
+    """The demo's `SAILConfig`: every round trains with the `toy_dpo` preset; labels by the implicit reward, checked
+    against the toy reward."""
+    from diffalign.iterate import SAILConfig
+
+    train = read_yaml("toy_dpo")
+    settings = {"model": str(pipeline_path()), "data": seed, "prompts": "toy:train", "rounds": SAIL_ROUNDS,
+                "output_dir": str(ctx.out / "sail"), "candidates": 8, "noise_draws": 10, "heldout_reward": "toy",
+                "train": train, "sample_batch_size": 64, "label_batch_size": 80, "device": "cpu"}  # fmt: skip
+    if ctx.quick:
+        train.update(max_steps=2, checkpointing_steps=0, batch_size=4)
+        settings.update(prompts_per_round=3, candidates=3, noise_draws=2)
+    return build_config(SAILConfig, settings, ctx.overrides, source="toy SAIL demo")
+
+
+def train_sail(ctx: DemoContext, seed: str) -> Path:
+    """SAIL (resumable) and, for comparison, DPO on all the demo's pairs (the `dpo` demo's run)."""
+    from diffalign.iterate import run_sail
+
+    final = run_sail(sail_config(ctx, seed))
+    train_method(ctx, "dpo", curated_pairs(ctx))
+    return final
+
+
+def sail_models(ctx: DemoContext, final: Path) -> dict:
+    sail = ctx.out / "sail"
+    models = {"base": {"model": "toy"}, "dpo-seed": {"model": "toy", "lora": str(sail / "round-0" / "final")}}
+    rounds = sorted(int(p.name.split("-")[1]) for p in sail.glob("round-*") if (p / "done.json").is_file())
+    for k in rounds[1:-1]:
+        models[f"sail-round-{k}"] = {"model": "toy", "lora": str(sail / f"round-{k}" / "final")}
+    models["sail"] = {"model": "toy", "lora": str(final)}
+    models["dpo-all"] = {"model": "toy", "lora": str(ctx.out / "dpo" / "final")}
+    return models
+
+
+def rounds_summary(out: str | Path) -> list[str]:
+    """Per-round lines of `sail_rounds.jsonl`: self-label agreement with the toy reward, margins, diversity."""
+    path = Path(out) / "sail" / "sail_rounds.jsonl"
+    if not path.is_file():
+        return []
+    lines = ["", "| round | self pairs | agreement with toy reward | concordance | mean toy reward of candidates | "
+             "diversity | margin median | collapse warning |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for row in map(json.loads, path.read_text().splitlines()):
+        if row["round"] == 0:
+            continue
+        f = {k: (f"{row[k]:.3f}" if isinstance(row.get(k), float) else "—") for k in
+             ("agreement", "concordance", "heldout_mean", "diversity", "margin_median")}  # fmt: skip
+        lines.append(f"| {row['round']} | {row['self_pairs']} | {f['agreement']} | {f['concordance']} | "
+                     f"{f['heldout_mean']} | {f['diversity']} | {f['margin_median']} | "
+                     f"{'; '.join(row.get('collapse_warning') or []) or 'none'} |")  # fmt: skip
+    return lines
+
+
+register_demo(DemoMethod("sail", seed_pairs, sail_models, train=train_sail))

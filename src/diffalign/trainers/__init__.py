@@ -23,6 +23,8 @@ METHODS: dict[str, tuple[str, str, str, str]] = {
     "smpo": ("smpo", "SmPOTrainer", "SmPOConfig", "SmPO-Diffusion: reward-smoothed DPO on ReNoise-inverted latents."),
     "tdpo": ("tpo", "TDPOTrainer", "TDPOConfig", "TDPO: prefer an image's own caption over a perturbed one (DPO)."),
     "tkto": ("tpo", "TKTOTrainer", "TKTOConfig", "TKTO: matched vs perturbed caption of one image (KTO)."),
+    "sail": ("sail", "SAILTrainer", "SAILConfig", "SAIL: DPO from a small seed, then rounds of self-labelled pairs "
+             "(DPO implicit reward) or reward-labelled ones (online DPO)."),
 }  # fmt: skip
 
 _EXPORTS = {cls: (module, cls) for module, cls, _, _ in METHODS.values()}
