@@ -41,7 +41,9 @@ from diffalign.trainers.distributed import (
     engine_name,
 )
 from diffalign.trainers.hardware import FROZEN_DTYPES, build_optimizer, resolve_mixed_precision, resolve_optimizer
+from diffalign.trainers.offload import release_text_encoders
 from diffalign.trainers.preemption import Preempted, stop_on_signals
+from diffalign.trainers.quantization import quantize_base, resolve_base_quantization
 from diffalign.trainers.sampling import StepBatchSampler, sample_generators, stream_positions
 from diffalign.trainers.sharding import all_finite, check_sharded_run, first_non_finite, shard_reference
 from diffalign.trainers.tracking import init_trackers
@@ -240,6 +242,7 @@ class Trainer(ABC):
                 self.denoiser.to(self.frozen_dtype)
             targets = tuple(cfg.lora_target_modules) if cfg.lora_target_modules else None
             self.backbone.add_lora(cfg.lora_rank, cfg.lora_alpha, targets)
+            quantize_base(self.denoiser, resolve_base_quantization(cfg.base_quantization, device_type, self.sharded))
         else:
             self.ref_copy = copy.deepcopy(self.denoiser).requires_grad_(False).eval().to(self.frozen_dtype)
             self.denoiser.requires_grad_(True)
@@ -306,6 +309,8 @@ class Trainer(ABC):
                     batch_size=cfg.batch_size,
                     show_progress=self.accelerator.is_local_main_process,
                 )
+            if cfg.offload_text_encoders:  # every caption is cached: the text encoders are no longer needed
+                self._empty_text = release_text_encoders(self.backbone, self.dataset.empty_text, self.accelerator.device)
 
     def _register_checkpoint_hooks(self) -> None:
         """LoRA checkpoints hold only the trainable weights (MBs, not the whole UNet)."""
