@@ -36,6 +36,7 @@ QUANTIZATIONS = ("none", "int8", "fp8", "nf4")
 DEVICE_TYPES = ("cpu", "cuda")  # where each kind was run (CPU here; CUDA is torchao's main target)
 NF4_BLOCK = 64  # QLoRA's block size
 TORCHAO_API = {"int8": "Int8WeightOnlyConfig", "fp8": "Float8WeightOnlyConfig", "nf4": "to_nf4"}
+TORCHAO_MODULES = ("torchao.quantization", "torchao.dtypes")  # `to_nf4` moved from dtypes to quantization in 0.18
 
 
 def resolve_base_quantization(requested: str, device_type: str, sharded: bool = False) -> str:
@@ -68,7 +69,7 @@ def resolve_base_quantization(requested: str, device_type: str, sharded: bool = 
         raise ConfigError(f"`base_quantization: fp8` needs torch with float8 dtypes (torch {torch.__version__} has none)")
     torchao = require("torchao", f"`base_quantization: {requested}`")
     name = TORCHAO_API[requested]
-    if not hasattr(importlib.import_module("torchao.quantization"), name):
+    if torchao_api(name) is None:
         raise MissingDependencyError(
             f"`base_quantization: {requested}` needs `torchao.quantization.{name}`, which torchao "
             f"{getattr(torchao, '__version__', '?')} lacks: pip install -U 'diffalign[quant]'"
@@ -97,9 +98,9 @@ def quantize_base(denoiser: nn.Module, kind: str) -> dict[str, int]:
     if kind == "nf4":
         skipped = _to_nf4(linears)
     else:
-        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+        from torchao.quantization import quantize_
 
-        config = Int8WeightOnlyConfig() if kind == "int8" else Float8WeightOnlyConfig()
+        config = torchao_api(TORCHAO_API[kind])()
         ids = {id(m) for m in linears.values()}
         quantize_(denoiser, config, filter_fn=lambda module, fqn: id(module) in ids)
     after = sum(_nbytes(m.weight) for m in linears.values())
@@ -118,8 +119,7 @@ def quantize_base(denoiser: nn.Module, kind: str) -> dict[str, int]:
 
 def _to_nf4(linears: dict[str, nn.Linear]) -> int:
     """Swap each weight for an `NF4Tensor` (frozen); returns how many layers were left as they were."""
-    from torchao.quantization import to_nf4
-
+    to_nf4 = torchao_api("to_nf4")
     skipped = 0
     for module in linears.values():
         n = module.weight.numel()
@@ -130,6 +130,15 @@ def _to_nf4(linears: dict[str, nn.Linear]) -> int:
         weight = to_nf4(module.weight.detach().contiguous(), NF4_BLOCK, scaler_block)
         module.weight = nn.Parameter(weight, requires_grad=False)
     return skipped
+
+
+def torchao_api(name: str):
+    """`name` from the first of `TORCHAO_MODULES` that has it, or None."""
+    for module in TORCHAO_MODULES:
+        found = getattr(importlib.import_module(module), name, None)
+        if found is not None:
+            return found
+    return None
 
 
 def _largest_power_of_two_dividing(n: int, cap: int) -> int:
