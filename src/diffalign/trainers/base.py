@@ -230,7 +230,6 @@ class Trainer(ABC):
             torch.backends.cuda.matmul.allow_tf32 = True
         self.frozen_dtype = FROZEN_DTYPES[precision]
         self.backbone = load_backbone(cfg.model, frozen_dtype=self.frozen_dtype, variant=cfg.variant)
-        self.backbone.to(self.accelerator.device, self.frozen_dtype)
         self.attention = resolve_attention(cfg.attention, self.accelerator.device)
         apply_attention(self.backbone.denoiser, self.attention)
         self.denoiser = self.backbone.denoiser
@@ -244,8 +243,10 @@ class Trainer(ABC):
             self.backbone.add_lora(cfg.lora_rank, cfg.lora_alpha, targets)
             quantize_base(self.denoiser, resolve_base_quantization(cfg.base_quantization, device_type, self.sharded))
         else:
-            self.ref_copy = copy.deepcopy(self.denoiser).requires_grad_(False).eval().to(self.frozen_dtype)
+            self.ref_copy = copy.deepcopy(self.denoiser).requires_grad_(False).eval().to(self.accelerator.device, self.frozen_dtype)
             self.denoiser.requires_grad_(True)
+        # after the cast, LoRA and quantisation, done on the CPU: the device never holds the fp32 base of a LoRA run
+        self.backbone.to(self.accelerator.device, self.frozen_dtype)
         if cfg.init_from and ckpt.resolve_resume(cfg.resume, self.output_dir) is None:  # the reference stays `model`
             loaded = ckpt.load_initial_weights(self.denoiser, cfg.init_from, cfg.lora_rank, cfg.lora_alpha)
             logger.info("init_from: starting from the %s", loaded)

@@ -1,0 +1,201 @@
+"""`base_quantization` (a torchao-quantised frozen LoRA base) and `offload_text_encoders`: selection and one-line
+errors, training on a tiny SD model (first loss log 2, close to the unquantised run after steps), the LoRA file on
+the unquantised base in stock diffusers, and text encoders released after caching."""
+
+from __future__ import annotations
+
+import gc
+import math
+import sys
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+from diffalign.config import ConfigError, build_config
+from diffalign.optional import MissingDependencyError
+from diffalign.trainers import DPOTrainer
+from diffalign.trainers.quantization import QUANTIZATIONS, quantizable_linears, quantize_base, resolve_base_quantization
+from helpers import read_metrics, tiny_config
+from test_trainers import pairs_parquet  # noqa: F401  (module fixture)
+
+QUANTIZED = [q for q in QUANTIZATIONS if q != "none"]
+
+
+# ---- selection and errors -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", QUANTIZATIONS)
+def test_every_kind_runs_on_cpu(kind):
+    assert resolve_base_quantization(kind, "cpu") == kind
+
+
+def test_selection_errors(monkeypatch):
+    with pytest.raises(ConfigError, match=r"`base_quantization` must be one of .* got 'int4'"):
+        resolve_base_quantization("int4", "cpu")
+    with pytest.raises(ConfigError, match="runs on cpu or cuda, not on 'mps'"):
+        resolve_base_quantization("int8", "mps")
+    with pytest.raises(ConfigError, match="not supported under FSDP/DeepSpeed"):
+        resolve_base_quantization("nf4", "cuda", sharded=True)
+    assert resolve_base_quantization("none", "mps", sharded=True) == "none"  # nothing to check
+    monkeypatch.delattr(torch, "float8_e4m3fn")
+    with pytest.raises(ConfigError, match="`base_quantization: fp8` needs torch with float8 dtypes"):
+        resolve_base_quantization("fp8", "cpu")
+
+
+def test_missing_or_old_torchao_names_the_extra(monkeypatch):
+    import torchao.quantization
+
+    monkeypatch.delattr(torchao.quantization, "Int8WeightOnlyConfig")
+    with pytest.raises(MissingDependencyError, match=r"lacks: pip install -U 'diffalign\[quant\]'"):
+        resolve_base_quantization("int8", "cpu")
+    monkeypatch.setitem(sys.modules, "torchao", None)  # import fails as if not installed
+    with pytest.raises(MissingDependencyError, match=r"`base_quantization: nf4` needs `torchao`.*diffalign\[quant\]"):
+        resolve_base_quantization("nf4", "cpu")
+
+
+def test_config_refusals_are_one_line():
+    base = {"model": "m", "data": "d"}
+    with pytest.raises(ConfigError, match=r"`lora_rank: 0` is a full fine-tune") as err:
+        build_config(DPOTrainer.config_class, base, {"lora_rank": 0, "base_quantization": "int8"})
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="`base_quantization`: Input should be 'none', 'int8', 'fp8' or 'nf4'"):
+        build_config(DPOTrainer.config_class, base, {"base_quantization": "int4"})
+    with pytest.raises(ConfigError, match="set `cache_latents`"):
+        build_config(DPOTrainer.config_class, base, {"offload_text_encoders": True})
+    with pytest.raises(ConfigError, match="`validation_prompts` need them"):
+        build_config(
+            DPOTrainer.config_class,
+            base,
+            {"cache_latents": True, "offload_text_encoders": True, "validation_prompts": ["a cat"]},
+        )
+
+
+# ---- quantize_base on a LoRA-wrapped module ---------------------------------------------------------------------
+@pytest.mark.parametrize("kind", QUANTIZED)
+def test_quantize_base_leaves_lora_full_precision(kind):
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64), nn.Linear(64, 3))  # last: 192 weights
+    net.requires_grad_(False)
+    net = inject_adapter_in_model(LoraConfig(r=4, target_modules=["0", "2"], init_lora_weights="gaussian"), net)
+    x = torch.randn(5, 64, requires_grad=True)
+    expected = net(x)
+    stats = quantize_base(net, kind)
+    assert set(quantizable_linears(net)) == {"0.base_layer", "2.base_layer", "3"}
+    # nf4 needs a multiple of 64 weights: the 3 × 64 layer qualifies; 192 is one, so every layer is quantised
+    assert stats["quantized"] == 3 and stats["skipped"] == 0
+    ratio = {"int8": 0.28, "fp8": 0.28, "nf4": 0.15}[kind]  # of the fp32 bytes (0.25, 0.25, 0.125) + scales
+    assert stats["bytes_after"] < ratio * stats["bytes_before"]
+    for name, p in net.named_parameters():
+        if "lora_" in name:
+            assert type(p.data) is torch.Tensor and p.dtype == torch.float32 and p.requires_grad, name
+        elif name.endswith("weight"):
+            assert type(p.data) is not torch.Tensor, f"{name} was not quantised"
+    out = net(x)
+    out.sum().backward()  # LoRA layers upstream of a quantised layer need the input gradient
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    tol = {"int8": 0.02, "fp8": 0.1, "nf4": 0.2}[kind]
+    assert (out - expected).abs().max() < tol * expected.abs().max()
+
+
+# ---- training on a tiny SD model -----------------------------------------------------------------------------------
+def _config(model, data, out, **kw):
+    values = {"resolution": 32, "batch_size": 2, "beta": 50.0, "max_steps": 3, "learning_rate": 1e-2, **kw}
+    return tiny_config(DPOTrainer, model, data, out, **values)
+
+
+@pytest.fixture(scope="module")
+def unquantized_run(tiny_sd_path, pairs_parquet, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("plain")
+    DPOTrainer(_config(tiny_sd_path, pairs_parquet, out)).train()
+    return read_metrics(out)
+
+
+@pytest.mark.parametrize("kind", QUANTIZED)
+def test_quantized_base_trains_and_its_lora_loads_on_the_unquantized_base(
+    kind, tiny_sd_path, pairs_parquet, unquantized_run, tmp_path  # noqa: F811
+):
+    trainer = DPOTrainer(_config(tiny_sd_path, pairs_parquet, tmp_path, base_quantization=kind))
+    trainer.setup()
+    quantized = {f"{n}.weight": m.weight for n, m in quantizable_linears(trainer.denoiser).items()}
+    frozen = {n: _dense(w).clone() for n, w in quantized.items() if type(w.data) is not torch.Tensor}
+    assert len(frozen) >= len(quantized) - 2, "the denoiser's linear weights were not quantised"
+    final = trainer.train()
+
+    records = read_metrics(tmp_path)
+    # policy == reference at step 1 (LoRA B = 0, both through the same quantised base): exactly log 2
+    assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    # after 2 updates the quantised-base run stays close to the unquantised one (measured: |Δ| ≤ 3e-4 for int8,
+    # ≤ 6e-4 for nf4 at these sizes; the loss itself moved by ~3e-3 from log 2)
+    assert records[-1]["loss"] == pytest.approx(unquantized_run[-1]["loss"], abs=2e-3)
+    for n, w in quantized.items():
+        if n in frozen:
+            assert torch.equal(_dense(w), frozen[n]), f"quantised base weight {n} changed"
+    assert all(type(p.data) is torch.Tensor and p.dtype == torch.float32 for p in trainer.params)
+    _stock_pipeline_matches_diffalign(trainer, tiny_sd_path, final)
+
+
+def _dense(weight: torch.Tensor) -> torch.Tensor:
+    """A torchao weight as a plain tensor (NF4Tensor names it differently)."""
+    w = weight.detach()
+    return w.get_original_weight() if hasattr(w, "get_original_weight") else w.dequantize()
+
+
+def _stock_pipeline_matches_diffalign(trainer, model, final):
+    """The LoRA file on the UNquantised base: stock diffusers `load_lora_weights` gives the same images as
+    diffalign's unquantised backbone with the trained adapter copied in (max |Δ| ≤ 1e-5 measured ~1e-7)."""
+    from diffusers import StableDiffusionPipeline
+
+    from diffalign.backbones import load_backbone
+
+    def sample(pipe):
+        return pipe("a red square", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt")
+
+    stock = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
+    stock.set_progress_bar_config(disable=True)
+    base_images = sample(stock).images
+    stock.load_lora_weights(final)  # stock diffusers, no diffalign involved
+    stock_images = sample(stock).images
+
+    ours = load_backbone(str(model))
+    ours.add_lora(trainer.config.lora_rank, trainer.config.lora_alpha)
+    trained = dict(trainer._named_trainable())
+    with torch.no_grad():
+        for name, p in ours.denoiser.named_parameters():
+            if p.requires_grad:
+                p.copy_(trained[name])
+    ours_images = sample(ours.make_pipeline()).images
+    assert (stock_images - base_images).abs().max() > 1e-4, "the LoRA did not change the stock pipeline"
+    assert (stock_images - ours_images).abs().max() <= 1e-5
+
+
+# ---- text encoders released after caching ---------------------------------------------------------------------------
+def test_offload_text_encoders_releases_them_and_training_matches(tiny_sd_path, pairs_parquet, tmp_path):  # noqa: F811
+    common = dict(cache_latents=True, proportion_empty_prompts=0.5, base_quantization="int8")  # dropout: empty text
+    kept = DPOTrainer(_config(tiny_sd_path, pairs_parquet, tmp_path / "kept", **common))
+    kept.train()
+    trainer = DPOTrainer(_config(tiny_sd_path, pairs_parquet, tmp_path / "off", offload_text_encoders=True, **common))
+    trainer.setup()
+    assert type(trainer.backbone.text_encoder).__name__ == "ReleasedTextEncoder"
+    assert type(trainer.backbone.components["text_encoder"]).__name__ == "ReleasedTextEncoder"
+    trainer.train()
+    a, b = read_metrics(tmp_path / "kept"), read_metrics(tmp_path / "off")
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    with pytest.raises(ConfigError, match="was released after caching"):
+        trainer.backbone.encode_prompts(["a red square"])
+
+
+def test_released_text_encoder_is_freed(tiny_sd_path, pairs_parquet, tmp_path):  # noqa: F811
+    from diffalign.trainers.offload import release_text_encoders
+
+    from diffalign.backbones import load_backbone
+
+    backbone = load_backbone(str(tiny_sd_path))
+    alive = weakref.ref(backbone.text_encoder)
+    empty = {k: v[0] for k, v in backbone.encode_prompts([""]).items()}
+    out = release_text_encoders(backbone, empty, torch.device("cpu"))
+    gc.collect()
+    assert alive() is None, "the text encoder is still referenced somewhere"
+    assert out["prompt_embeds"].shape == (1, *empty["prompt_embeds"].shape)
+    backbone.to("cpu")  # moving the backbone still works with the stand-in
