@@ -73,7 +73,8 @@ def measure(quantization: str, resolution: int, rank: int = 8) -> dict:
     torch.set_default_dtype(torch.float32)
     counts = module_counts(unet)
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(LORA_TARGETS)))
+    lora = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(LORA_TARGETS))
+    unet.add_adapter(lora)
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
@@ -86,12 +87,14 @@ def measure(quantization: str, resolution: int, rank: int = 8) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-5)
     h = resolution // 8
     g = torch.Generator().manual_seed(0)
-    x_t, eps = torch.randn(2, 4, h, h, generator=g), torch.randn(2, 4, h, h, generator=g)
+    bf16 = torch.bfloat16  # the backbone casts every input to the network's dtype
+    x_t, eps = torch.randn(2, 4, h, h, generator=g).to(bf16), torch.randn(2, 4, h, h, generator=g)
     t = torch.tensor([500, 500])
     cond = {
-        "encoder_hidden_states": torch.randn(2, 77, 2048, generator=g),
-        "added_cond_kwargs": {"text_embeds": torch.randn(2, 1280, generator=g), "time_ids": torch.randn(2, 6)},
-    }
+        "encoder_hidden_states": torch.randn(2, 77, 2048, generator=g).to(bf16),
+        "added_cond_kwargs": {"text_embeds": torch.randn(2, 1280, generator=g).to(bf16),
+                              "time_ids": torch.randn(2, 6).to(bf16)},
+    }  # fmt: skip
     gc.collect()
     _reset_peak()
     t0 = time.perf_counter()
@@ -136,7 +139,7 @@ def main() -> None:
     if args.measure:
         print(json.dumps(measure(args.quantization, args.resolution), indent=1))
         return
-    print("| preset | layout | denoiser | text enc. | VAE | LoRA + AdamW | activations | total GB | activations from |")
+    print("| preset | layout | denoiser | text enc. | VAE | LoRA + Adam | activations | total GB | activations from |")
     print("|---|---|---|---|---|---|---|---|---|")
     for preset, layout in PRESETS.items():
         e = preset_estimate(preset, layout)

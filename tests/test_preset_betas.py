@@ -33,6 +33,9 @@ PRESET_BETAS = {
     "sd15_tdpo": (5000, "TDPO on the Diffusion-DPO official launcher value; TPO's own not checked"),
     "sd15_smpo": (2000, "SmPO official examples/sd15.sh, DPO convention with the ½ (as cited in the preset)"),
     "sdxl_smpo": (5000, "SmPO official examples/sdxl.sh, DPO convention with the ½ (as cited in the preset)"),
+    "sdxl_dpo_lowvram": (5000, "as sdxl_dpo_lora: diffusers train_diffusion_dpo_sdxl.py default 5000, keeps the ½"),
+    "sd35_dpo_lowvram": (5000, "not tuned for SD3.5: the Diffusion-DPO SDXL launcher value, train.py keeps the ½"),
+    "flux_dpo_lowvram": (5000, "not tuned for FLUX: the Diffusion-DPO SDXL launcher value, train.py keeps the ½"),
     # toy presets: tuned on the toy world's validation split (README "How the presets were chosen")
     "toy_dpo": (10000, "toy: tuned"),
     "toy_kto": (5000, "toy: tuned"),

@@ -16,7 +16,12 @@ from torch import nn
 from diffalign.config import ConfigError, build_config
 from diffalign.optional import MissingDependencyError
 from diffalign.trainers import DPOTrainer
-from diffalign.trainers.quantization import QUANTIZATIONS, quantizable_linears, quantize_base, resolve_base_quantization
+from diffalign.trainers.quantization import (
+    QUANTIZATIONS,
+    quantizable_linears,
+    quantize_base,
+    resolve_base_quantization,
+)
 from helpers import read_metrics, tiny_config
 from test_trainers import pairs_parquet  # noqa: F401  (module fixture)
 
@@ -114,7 +119,11 @@ def unquantized_run(tiny_sd_path, pairs_parquet, tmp_path_factory):  # noqa: F81
 
 @pytest.mark.parametrize("kind", QUANTIZED)
 def test_quantized_base_trains_and_its_lora_loads_on_the_unquantized_base(
-    kind, tiny_sd_path, pairs_parquet, unquantized_run, tmp_path  # noqa: F811
+    kind,
+    tiny_sd_path,
+    pairs_parquet,
+    unquantized_run,
+    tmp_path,  # noqa: F811
 ):
     trainer = DPOTrainer(_config(tiny_sd_path, pairs_parquet, tmp_path, base_quantization=kind))
     trainer.setup()
@@ -126,9 +135,10 @@ def test_quantized_base_trains_and_its_lora_loads_on_the_unquantized_base(
     records = read_metrics(tmp_path)
     # policy == reference at step 1 (LoRA B = 0, both through the same quantised base): exactly log 2
     assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    # after 2 updates the quantised-base run stays close to the unquantised one (measured: |Δ| ≤ 3e-4 for int8,
-    # ≤ 6e-4 for nf4 at these sizes; the loss itself moved by ~3e-3 from log 2)
-    assert records[-1]["loss"] == pytest.approx(unquantized_run[-1]["loss"], abs=2e-3)
+    # after one and two updates the quantised-base run stays close to the unquantised one; measured |Δ| after one
+    # update: int8 1.6e-4, fp8 1.4e-3, nf4 5.7e-4, while the loss itself moved 3.1e-2 from log 2
+    for quantized_record, plain_record in zip(records[1:], unquantized_run[1:]):
+        assert quantized_record["loss"] == pytest.approx(plain_record["loss"], abs=2e-3)
     for n, w in quantized.items():
         if n in frozen:
             assert torch.equal(_dense(w), frozen[n]), f"quantised base weight {n} changed"
@@ -144,13 +154,14 @@ def _dense(weight: torch.Tensor) -> torch.Tensor:
 
 def _stock_pipeline_matches_diffalign(trainer, model, final):
     """The LoRA file on the UNquantised base: stock diffusers `load_lora_weights` gives the same images as
-    diffalign's unquantised backbone with the trained adapter copied in (max |Δ| ≤ 1e-5 measured ~1e-7)."""
+    diffalign's unquantised backbone with the trained adapter copied in (measured max |Δ| = 0.0: bit-identical)."""
     from diffusers import StableDiffusionPipeline
 
     from diffalign.backbones import load_backbone
 
     def sample(pipe):
-        return pipe("a red square", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt")
+        generator = torch.Generator().manual_seed(0)
+        return pipe("a red square", num_inference_steps=2, generator=generator, output_type="pt")
 
     stock = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
     stock.set_progress_bar_config(disable=True)
@@ -187,9 +198,8 @@ def test_offload_text_encoders_releases_them_and_training_matches(tiny_sd_path, 
 
 
 def test_released_text_encoder_is_freed(tiny_sd_path, pairs_parquet, tmp_path):  # noqa: F811
-    from diffalign.trainers.offload import release_text_encoders
-
     from diffalign.backbones import load_backbone
+    from diffalign.trainers.offload import release_text_encoders
 
     backbone = load_backbone(str(tiny_sd_path))
     alive = weakref.ref(backbone.text_encoder)

@@ -150,7 +150,8 @@ def layout_counts(name: str, lora_targets: tuple[str, ...] = LORA_TARGETS) -> Mo
         text = 0
         for enc in spec["text"]:
             model_cls, config_cls, cfg = TEXT_ENCODERS[enc]
-            text += sum(p.numel() for p in getattr(transformers, model_cls)(getattr(transformers, config_cls)(**cfg)).parameters())
+            encoder = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**cfg))
+            text += sum(p.numel() for p in encoder.parameters())
         vae = diffusers.AutoencoderKL(
             block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=spec["vae"],
             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,

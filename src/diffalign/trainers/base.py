@@ -241,9 +241,11 @@ class Trainer(ABC):
                 self.denoiser.to(self.frozen_dtype)
             targets = tuple(cfg.lora_target_modules) if cfg.lora_target_modules else None
             self.backbone.add_lora(cfg.lora_rank, cfg.lora_alpha, targets)
-            quantize_base(self.denoiser, resolve_base_quantization(cfg.base_quantization, device_type, self.sharded))
+            quantization = resolve_base_quantization(cfg.base_quantization, device_type, self.sharded)
+            quantize_base(self.denoiser, quantization)  # frozen base (= the reference) held in int8/fp8/nf4
         else:
-            self.ref_copy = copy.deepcopy(self.denoiser).requires_grad_(False).eval().to(self.accelerator.device, self.frozen_dtype)
+            self.ref_copy = copy.deepcopy(self.denoiser).requires_grad_(False).eval().to(self.frozen_dtype)
+            self.ref_copy.to(self.accelerator.device)
             self.denoiser.requires_grad_(True)
         # after the cast, LoRA and quantisation, done on the CPU: the device never holds the fp32 base of a LoRA run
         self.backbone.to(self.accelerator.device, self.frozen_dtype)
@@ -311,7 +313,8 @@ class Trainer(ABC):
                     show_progress=self.accelerator.is_local_main_process,
                 )
             if cfg.offload_text_encoders:  # every caption is cached: the text encoders are no longer needed
-                self._empty_text = release_text_encoders(self.backbone, self.dataset.empty_text, self.accelerator.device)
+                empty = self.dataset.empty_text
+                self._empty_text = release_text_encoders(self.backbone, empty, self.accelerator.device)
 
     def _register_checkpoint_hooks(self) -> None:
         """LoRA checkpoints hold only the trainable weights (MBs, not the whole UNet)."""

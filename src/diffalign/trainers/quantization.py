@@ -66,7 +66,9 @@ def resolve_base_quantization(requested: str, device_type: str, sharded: bool = 
             "use `base_quantization: none`"
         )
     if requested == "fp8" and not hasattr(torch, "float8_e4m3fn"):
-        raise ConfigError(f"`base_quantization: fp8` needs torch with float8 dtypes (torch {torch.__version__} has none)")
+        raise ConfigError(
+            f"`base_quantization: fp8` needs torch with float8 dtypes (torch {torch.__version__} has none)"
+        )
     torchao = require("torchao", f"`base_quantization: {requested}`")
     name = TORCHAO_API[requested]
     if torchao_api(name) is None:
@@ -103,6 +105,9 @@ def quantize_base(denoiser: nn.Module, kind: str) -> dict[str, int]:
         config = torchao_api(TORCHAO_API[kind])()
         ids = {id(m) for m in linears.values()}
         quantize_(denoiser, config, filter_fn=lambda module, fqn: id(module) in ids)
+    for module in linears.values():
+        if type(module.weight.data) is not torch.Tensor:
+            module.register_forward_pre_hook(_cast_input)
     after = sum(_nbytes(m.weight) for m in linears.values())
     stats = {"quantized": len(linears) - skipped, "skipped": skipped, "bytes_before": before, "bytes_after": after}
     logger.info(
@@ -130,6 +135,13 @@ def _to_nf4(linears: dict[str, nn.Linear]) -> int:
         weight = to_nf4(module.weight.detach().contiguous(), NF4_BLOCK, scaler_block)
         module.weight = nn.Parameter(weight, requires_grad=False)
     return skipped
+
+
+def _cast_input(module: nn.Linear, args: tuple) -> tuple:
+    """Feed a quantised layer activations in its weights' dtype, as autocast does for a plain one (autocast does not
+    see torchao's tensor subclasses: an fp32 input would otherwise give an fp32 output inside a bf16 network)."""
+    x, *rest = args
+    return (x.to(module.weight.dtype), *rest) if x.is_floating_point() else args
 
 
 def torchao_api(name: str):
