@@ -8,8 +8,10 @@ the default attention projections, applies `base_quantization` with diffalign's 
 gradient checkpointing and runs one Diffusion-DPO step as the trainer does (1 pair: policy forward + backward with
 autocast bf16, reference forward with adapters disabled, AdamW on the LoRA weights). Text encoders and VAE are not
 built (a cached, `offload_text_encoders` run holds neither... but the VAE: it is in the formula's `vae` term).
-It reports resident memory (RSS) above the process's baseline after the weights are built, and the peak RSS of the
-step (Linux `VmHWM`, reset with `/proc/self/clear_refs` before the step), next to the formula's terms.
+It reports resident memory (RSS) above the process's baseline after the weights are built (and the bytes its tensors
+hold), and the peak RSS of the step (Linux `VmHWM`, reset with `/proc/self/clear_refs` before the step), next to the
+formula's terms. Run it with `MALLOC_MMAP_THRESHOLD_=65536`: otherwise glibc keeps freed blocks (the bf16 weights
+replaced by int8 ones) in its heap and RSS never shows the saving.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def measure(quantization: str, resolution: int, rank: int = 8) -> dict:
 
     from diffalign.memory import LORA_TARGETS
     from diffalign.objectives import dpo_loss, per_sample_error
-    from diffalign.trainers.quantization import quantize_base
+    from diffalign.trainers.quantization import _nbytes, quantize_base
 
     gc.collect()
     base, _ = _rss()
@@ -81,6 +83,7 @@ def measure(quantization: str, resolution: int, rank: int = 8) -> dict:
     quantize_base(unet, quantization)
     gc.collect()
     weights = _rss()[0] - base
+    held = sum(_nbytes(p) for p in unet.parameters()) + sum(b.numel() * b.element_size() for b in unet.buffers())
     build_s = time.perf_counter() - t0
     unet.enable_gradient_checkpointing()
     unet.train()
@@ -119,6 +122,7 @@ def measure(quantization: str, resolution: int, rank: int = 8) -> dict:
         "resolution": resolution,
         "loss": float(loss),
         "measured_weights_gb": weights / GB,
+        "tensor_bytes_gb": held / GB,
         "formula_weights_gb": (formula["denoiser"] + rank * counts["lora_per_rank"] * 4) / GB,
         "measured_step_peak_gb": peak / GB,
         "formula_no_activations_gb": (formula["total"] - formula["activations"] - formula["vae"]) / GB,

@@ -67,12 +67,11 @@ def test_config_refusals_are_one_line():
         build_config(DPOTrainer.config_class, base, {"base_quantization": "int4"})
     with pytest.raises(ConfigError, match="set `cache_latents`"):
         build_config(DPOTrainer.config_class, base, {"offload_text_encoders": True})
-    with pytest.raises(ConfigError, match="`validation_prompts` need them"):
-        build_config(
-            DPOTrainer.config_class,
-            base,
-            {"cache_latents": True, "offload_text_encoders": True, "validation_prompts": ["a cat"]},
-        )
+    for key, value in {"validation_prompts": ["a cat"], "validation_data": "held_out.parquet"}.items():
+        with pytest.raises(ConfigError, match=f"`{key}` needs them"):
+            build_config(
+                DPOTrainer.config_class, base, {"cache_latents": True, "offload_text_encoders": True, key: value}
+            )
 
 
 # ---- quantize_base on a LoRA-wrapped module ---------------------------------------------------------------------

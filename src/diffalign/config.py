@@ -332,10 +332,11 @@ class TrainConfig(StrictConfig):
     def _offload_needs_cache(cls, v: bool, info: ValidationInfo) -> bool:
         if v and not info.data.get("cache_latents"):
             raise ValueError("`offload_text_encoders` releases the text encoders after caching: set `cache_latents`")
-        if v and info.data.get("validation_prompts"):
+        needs = [k for k in ("validation_prompts", "validation_data") if info.data.get(k)]
+        if v and needs:
             raise ValueError(
-                "`offload_text_encoders` releases the text encoders, but `validation_prompts` need them to make "
-                "validation images; drop one of the two"
+                f"`offload_text_encoders` releases the text encoders, but `{needs[0]}` needs them (validation images "
+                "and held-out losses encode their captions); drop one of the two"
             )
         return v
 

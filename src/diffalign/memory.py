@@ -12,7 +12,7 @@
   an fp32 gradient and `S_opt` bytes of optimizer state (AdamW 8, 8-bit AdamW 2, Adafactor ≈ 0: factored).
 - `A`: activations of one micro-batch (a DPO pair = 2 images through the policy with gradients, then the reference
   without) with gradient checkpointing: `images × a × (resolution / 1024)²`, where `a` is bytes per image at 1024 px
-  in 16-bit activations. For SDXL `a` was measured (CPU peak RSS at 256 px, scaled by pixels, see
+  in 16-bit activations. For SDXL `a` was measured (CPU peak RSS at 512 px, scaled by pixels, see
   `scripts/memory_estimate.py`); for DiTs (SD3.5, FLUX) it is the checkpointed blocks' inputs plus one block
   recomputed, `a = (L + k) · T · d · 2` with T tokens (image + text), d the width, L the blocks and k = 16 tensors
   of width d per token alive inside one block (q, k, v, attention out, 4d MLP hidden and its activation,
@@ -100,10 +100,12 @@ def dit_activation_bytes(blocks: int, tokens: int, width: int, k: int = 16, byte
 
 
 # ---- layouts of the released models (counted on the meta device: no weights, no downloads) ------------------------
-# SDXL `a`: measured on CPU with `scripts/memory_estimate.py --measure` (256 px, bf16, LoRA r8, 1 pair), peak RSS of
-# the step minus weights, LoRA and AdamW state, scaled × 16 to 1024 px; see the README memory table.
-SDXL_ACT_BYTES_1024 = 2.0e9
-SDXL_ACT_SOURCE = "measured on CPU at 256 px (bf16, grad ckpt), × 16 for 1024 px"
+# SDXL `a`: measured on CPU with `scripts/memory_estimate.py --measure --resolution 512` (bf16, LoRA r8, 1 pair,
+# unquantised): peak RSS of the step minus weights, LoRA and AdamW state = 0.265 GB per pair, × 4 pixels for 1024 px
+# = 0.53 GB per image (256 px gave 0.079 per pair: roughly linear in pixels). Quantised layers add dequantisation
+# transients (at 256 px: int8 +0.02 GB, nf4 +0.09 GB). See the README memory table.
+SDXL_ACT_BYTES_1024 = 0.53e9
+SDXL_ACT_SOURCE = "measured on CPU at 512 px (bf16, grad ckpt), × 4 for 1024 px"
 LAYOUTS = {
     "sdxl": {"denoiser": ("diffusers", "UNet2DConditionModel", dict(
         sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2, cross_attention_dim=2048,
