@@ -55,5 +55,5 @@ def release_text_encoders(
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    logger.info("offload_text_encoders: released the text encoders (%.1fM parameters)", n_params / 1e6)
+    logger.info("offload_text_encoders: released the text encoders (%.2fM parameters)", n_params / 1e6)
     return {k: v.unsqueeze(0).to(device) for k, v in empty_text.items()}
