@@ -33,7 +33,7 @@ from diffalign.optional import MissingDependencyError, require
 logger = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("none", "int8", "fp8", "nf4")
-DEVICE_TYPES = ("cpu", "cuda")  # where each kind was run (CPU here; CUDA is torchao's main target)
+DEVICE_TYPES = ("cpu", "cuda")  # CPU: tested here; CUDA: torchao's main target, not yet run by this project
 NF4_BLOCK = 64  # QLoRA's block size
 TORCHAO_API = {"int8": "Int8WeightOnlyConfig", "fp8": "Float8WeightOnlyConfig", "nf4": "to_nf4"}
 TORCHAO_MODULES = ("torchao.quantization", "torchao.dtypes")  # `to_nf4` moved from dtypes to quantization in 0.18
@@ -44,7 +44,7 @@ def resolve_base_quantization(requested: str, device_type: str, sharded: bool = 
     fine-tune with a quantised base is refused where the config is read (`TrainConfig`).
 
     Raises:
-        `ConfigError`: an unknown value, a sharded engine (it would shard torchao tensors it cannot gather), a device
+        `ConfigError`: an unknown value, a sharded engine (FSDP/ZeRO over torchao tensors is untested), a device
             other than CPU or CUDA, or fp8 where torch has no float8 dtype.
         `MissingDependencyError`: torchao is not installed, or is too old to have the API `requested` needs; the
             message names `pip install 'diffalign[quant]'`.
