@@ -105,9 +105,13 @@ def quantize_base(denoiser: nn.Module, kind: str) -> dict[str, int]:
         config = torchao_api(TORCHAO_API[kind])()
         ids = {id(m) for m in linears.values()}
         quantize_(denoiser, config, filter_fn=lambda module, fqn: id(module) in ids)
-    for module in linears.values():
-        if type(module.weight.data) is not torch.Tensor:
-            module.register_forward_pre_hook(_cast_input)
+    quantized = [name for name, module in linears.items() if type(module.weight.data) is not torch.Tensor]
+    for name in quantized:
+        linears[name].register_forward_pre_hook(_cast_input)
+    # DDP broadcasts every parameter at start; torchao tensors cannot be broadcast, and need not be: each process
+    # quantises the same weights from disk the same way
+    ignored = [f"{name}.weight" for name in quantized]
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(denoiser, ignored)
     after = sum(_nbytes(m.weight) for m in linears.values())
     stats = {"quantized": len(linears) - skipped, "skipped": skipped, "bytes_before": before, "bytes_after": after}
     logger.info(
