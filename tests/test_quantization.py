@@ -86,6 +86,8 @@ def test_quantize_base_leaves_lora_full_precision(kind):
     expected = net(x)
     stats = quantize_base(net, kind)
     assert set(quantizable_linears(net)) == {"0.base_layer", "2.base_layer", "3"}
+    # DDP must not try to broadcast torchao tensors (each process quantises the same weights itself)
+    assert set(net._ddp_params_and_buffers_to_ignore) == {"0.base_layer.weight", "2.base_layer.weight", "3.weight"}
     # nf4 needs a multiple of 64 weights: the 3 × 64 layer qualifies; 192 is one, so every layer is quantised
     assert stats["quantized"] == 3 and stats["skipped"] == 0
     ratio = {"int8": 0.28, "fp8": 0.28, "nf4": 0.15}[kind]  # of the fp32 bytes (0.25, 0.25, 0.125) + scales
