@@ -227,3 +227,16 @@ def test_released_text_encoder_is_freed(tiny_sd_path, pairs_parquet, tmp_path):
     assert alive() is None, "the text encoder is still referenced somewhere"
     assert out["prompt_embeds"].shape == (1, *empty["prompt_embeds"].shape)
     backbone.to("cpu")  # moving the backbone still works with the stand-in
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_sdxl_and_sd3_train_on_an_nf4_base_without_text_encoders(family, request, pairs_parquet, tmp_path):
+    model = request.getfixturevalue(f"tiny_{family}_path")
+    low_memory = dict(base_quantization="nf4", cache_latents=True, offload_text_encoders=True)
+    trainer = DPOTrainer(_config(model, pairs_parquet, tmp_path, **low_memory))
+    trainer.train()
+    assert read_metrics(tmp_path)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    linears = quantizable_linears(trainer.denoiser)
+    assert all(type(m.weight.data) is not torch.Tensor for m in linears.values())
+    encoders = {k: type(m).__name__ for k, m in trainer.backbone.components.items() if k.startswith("text_encoder")}
+    assert set(encoders.values()) == {"ReleasedTextEncoder"} and len(encoders) == {"sdxl": 2, "sd3": 3}[family]
