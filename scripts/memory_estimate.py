@@ -57,8 +57,8 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def measure(quantization: str, resolution: int, rank: int = 8) -> dict:
-    """One DPO step of SDXL LoRA on CPU; bytes above the baseline RSS."""
+def measure(quantization: str, resolution: int, rank: int = 8, layout: str = "sdxl") -> dict:
+    """One DPO step of a LoRA on CPU (`layout`: `sdxl` or `sd35-medium`); bytes above the baseline RSS."""
     import diffusers
     from peft import LoraConfig
 
@@ -71,7 +71,8 @@ def measure(quantization: str, resolution: int, rank: int = 8) -> dict:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     torch.set_default_dtype(torch.bfloat16)
-    unet = diffusers.UNet2DConditionModel(**LAYOUTS["sdxl"]["denoiser"][2])
+    _, cls_name, kwargs = LAYOUTS[layout]["denoiser"]
+    unet = getattr(diffusers, cls_name)(**kwargs).to(torch.bfloat16)  # as setup casts a LoRA base (buffers too)
     torch.set_default_dtype(torch.float32)
     counts = module_counts(unet)
     unet.requires_grad_(False)
@@ -91,22 +92,33 @@ def measure(quantization: str, resolution: int, rank: int = 8) -> dict:
     h = resolution // 8
     g = torch.Generator().manual_seed(0)
     bf16 = torch.bfloat16  # the backbone casts every input to the network's dtype
-    x_t, eps = torch.randn(2, 4, h, h, generator=g).to(bf16), torch.randn(2, 4, h, h, generator=g)
+    channels = 4 if layout == "sdxl" else 16
+    x_t, eps = torch.randn(2, channels, h, h, generator=g).to(bf16), torch.randn(2, channels, h, h, generator=g)
     t = torch.tensor([500, 500])
-    cond = {
-        "encoder_hidden_states": torch.randn(2, 77, 2048, generator=g).to(bf16),
-        "added_cond_kwargs": {"text_embeds": torch.randn(2, 1280, generator=g).to(bf16),
-                              "time_ids": torch.randn(2, 6).to(bf16)},
-    }  # fmt: skip
+    if layout == "sdxl":
+        cond = {
+            "encoder_hidden_states": torch.randn(2, 77, 2048, generator=g).to(bf16),
+            "added_cond_kwargs": {"text_embeds": torch.randn(2, 1280, generator=g).to(bf16),
+                                  "time_ids": torch.randn(2, 6).to(bf16)},
+        }  # fmt: skip
+    else:  # SD3: CLIP-L/G + T5 tokens (77 + 256) of width 4096, pooled 2048
+        cond = {
+            "encoder_hidden_states": torch.randn(2, 333, 4096, generator=g).to(bf16),
+            "pooled_projections": torch.randn(2, 2048, generator=g).to(bf16),
+        }
+    if layout == "sdxl":
+        forward = lambda net, x, t, cond: net(x, t, **cond)  # noqa: E731
+    else:
+        forward = lambda net, x, t, cond: net(hidden_states=x, timestep=t, **cond)  # noqa: E731
     gc.collect()
     _reset_peak()
     t0 = time.perf_counter()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        pred = unet(x_t, t, **cond).sample.float()
+        pred = forward(unet, x_t, t, cond).sample.float()
         model_err = per_sample_error(pred, eps)
         with torch.no_grad():
             unet.disable_adapters()
-            ref_err = per_sample_error(unet(x_t, t, **cond).sample.float(), eps)
+            ref_err = per_sample_error(forward(unet, x_t, t, cond).sample.float(), eps)
             unet.enable_adapters()
     loss, _ = dpo_loss(model_err[:1], model_err[1:], ref_err[:1], ref_err[1:], beta=5000.0)
     loss.backward()
@@ -114,10 +126,11 @@ def measure(quantization: str, resolution: int, rank: int = 8) -> dict:
     step_s = time.perf_counter() - t0
     peak = _rss()[1] - base
     formula = estimate(
-        layout_counts("sdxl"), quantization=quantization, lora_rank=rank, text_encoders_resident=False,
+        layout_counts(layout), quantization=quantization, lora_rank=rank, text_encoders_resident=False,
         resolution=resolution,
     )  # fmt: skip
     return {
+        "layout": layout,
         "quantization": quantization,
         "resolution": resolution,
         "loss": float(loss),
@@ -139,9 +152,10 @@ def main() -> None:
     parser.add_argument("--measure", action="store_true", help="measure SDXL LoRA on CPU instead of the table")
     parser.add_argument("--quantization", default="none", choices=["none", "int8", "fp8", "nf4"])
     parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--layout", default="sdxl", choices=["sdxl", "sd35-medium"], help="what --measure builds")
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.quantization, args.resolution), indent=1))
+        print(json.dumps(measure(args.quantization, args.resolution, layout=args.layout), indent=1))
         return
     print("| preset | layout | denoiser | text enc. | VAE | LoRA + Adam | activations | total GB | activations from |")
     print("|---|---|---|---|---|---|---|---|---|")
