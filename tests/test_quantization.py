@@ -240,3 +240,21 @@ def test_sdxl_and_sd3_train_on_an_nf4_base_without_text_encoders(family, request
     assert all(type(m.weight.data) is not torch.Tensor for m in linears.values())
     encoders = {k: type(m).__name__ for k, m in trainer.backbone.components.items() if k.startswith("text_encoder")}
     assert set(encoders.values()) == {"ReleasedTextEncoder"} and len(encoders) == {"sdxl": 2, "sd3": 3}[family]
+
+
+def test_ddp_trains_on_a_quantized_base(tiny_sd_path, pairs_parquet, tmp_path):
+    """2 CPU processes (gloo): DDP would broadcast every parameter at start, and torchao tensors cannot be broadcast;
+    `quantize_base` puts them on DDP's ignore list (each process quantises the same weights itself)."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    cmd = [*launch, "-m", "diffalign", "train", "dpo", "--model", str(tiny_sd_path), "--data", pairs_parquet,
+           "--output_dir", str(tmp_path), "--resolution", "32", "--batch_size", "1", "--max_steps", "2",
+           "--lora_rank", "4", "--base_quantization", "int8", "--checkpointing_steps", "0"]  # fmt: skip
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    records = read_metrics(tmp_path)
+    assert len(records) == 2 and records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert math.isfinite(records[1]["loss"]) and (tmp_path / "final" / "pytorch_lora_weights.safetensors").is_file()
