@@ -1,6 +1,7 @@
 """Peak memory of the low-VRAM presets from `diffalign.memory`'s formula, and a CPU measurement to check it.
 
     python scripts/memory_estimate.py                                   # estimate table: every lowvram preset
+    python scripts/memory_estimate.py --config sdxl_dpo_lora --layout sdxl   # any preset or YAML on a layout
     python scripts/memory_estimate.py --measure --quantization int8     # measure SDXL LoRA on CPU (random weights)
 
 `--measure` builds the real SDXL UNet layout (2.57 B parameters, random bf16 weights: no downloads), adds LoRA r8 on
@@ -24,7 +25,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from diffalign.memory import GB, LAYOUTS, estimate, layout_counts, module_counts
 
@@ -33,7 +33,10 @@ PRESET_DIR = Path(__file__).resolve().parent.parent / "src" / "diffalign" / "con
 
 
 def preset_estimate(preset: str, layout: str) -> dict[str, float]:
-    cfg = yaml.safe_load((PRESET_DIR / f"{preset}.yaml").read_text())
+    """The formula's terms for a preset name or YAML path on a layout of `diffalign.memory.LAYOUTS`."""
+    from diffalign.config import read_yaml
+
+    cfg = read_yaml(preset)
     counts = layout_counts(layout)
     return estimate(
         counts,
@@ -152,14 +155,20 @@ def main() -> None:
     parser.add_argument("--measure", action="store_true", help="measure SDXL LoRA on CPU instead of the table")
     parser.add_argument("--quantization", default="none", choices=["none", "int8", "fp8", "nf4"])
     parser.add_argument("--resolution", type=int, default=256)
-    parser.add_argument("--layout", default="sdxl", choices=["sdxl", "sd35-medium"], help="what --measure builds")
+    parser.add_argument(
+        "--layout", default="sdxl", choices=sorted(LAYOUTS), help="model layout (--measure: sdxl or sd35-medium)"
+    )
+    parser.add_argument("--config", help="estimate this preset or YAML file on --layout instead of the lowvram table")
     args = parser.parse_args()
     if args.measure:
+        if args.layout not in ("sdxl", "sd35-medium"):
+            parser.error("--measure builds sdxl or sd35-medium (the larger layouts do not fit a 16 GB CPU run)")
         print(json.dumps(measure(args.quantization, args.resolution, layout=args.layout), indent=1))
         return
+    presets = {args.config: args.layout} if args.config else PRESETS
     print("| preset | layout | denoiser | text enc. | VAE | LoRA + Adam | activations | total GB | activations from |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for preset, layout in PRESETS.items():
+    for preset, layout in presets.items():
         e = preset_estimate(preset, layout)
         cells = [f"{e[k] / GB:.2f}" for k in ("denoiser", "text_encoders", "vae", "lora", "activations", "total")]
         print(f"| `{preset}` | {layout} | " + " | ".join(cells) + f" | {e['act_source']} |")
