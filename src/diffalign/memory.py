@@ -21,8 +21,10 @@
   at 256 and 512 px (161 KB per token per image = (24 + 28) · 1536 · 2). For SD3.5 Large and FLUX this is an
   extrapolation, not a measurement.
 
-What it leaves out: the CUDA context and allocator fragmentation (add ≈ 0.5–1 GB on a GPU), the load transient (the
-denoiser is cast to the compute dtype before quantisation), and data-loader memory.
+What it leaves out: the CUDA context and allocator fragmentation (add ≈ 0.5–1 GB on a GPU); the caching pass, when the
+text encoders sit next to the quantised denoiser until they are released (add `text_encoders` to the rest); host RAM
+(the backbone loads the denoiser in fp32 on the CPU, where setup casts and quantises it before the move); data
+loading.
 """
 
 from __future__ import annotations
