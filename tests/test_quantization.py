@@ -258,3 +258,23 @@ def test_ddp_trains_on_a_quantized_base(tiny_sd_path, pairs_parquet, tmp_path):
     records = read_metrics(tmp_path)
     assert len(records) == 2 and records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert math.isfinite(records[1]["loss"]) and (tmp_path / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_base_is_quantised_before_it_moves_to_the_device(monkeypatch, tiny_sd_path, pairs_parquet, tmp_path):
+    """setup() casts, adds the LoRA and quantises on the CPU, then moves the backbone: the device never holds the fp32
+    or unquantised base (checked here on the move's call, since CPU is the device)."""
+    from diffalign.backbones.base import PipelineBackbone
+
+    seen = []
+    original = PipelineBackbone.to
+
+    def recording_to(self, device, frozen_dtype=None):
+        weights = [m.weight for m in quantizable_linears(self.denoiser).values()]
+        seen.append((all(type(w.data) is not torch.Tensor for w in weights), {w.dtype for w in weights}))
+        return original(self, device, frozen_dtype)
+
+    monkeypatch.setattr(PipelineBackbone, "to", recording_to)
+    cfg = _config(tiny_sd_path, pairs_parquet, tmp_path, base_quantization="int8", mixed_precision="bf16")
+    DPOTrainer(cfg).setup()
+    assert seen[-1] == (True, {torch.bfloat16})  # the move in setup: quantised, from bf16
+    assert seen[0][0] is False  # loading (from_pretrained) still sees the plain weights
