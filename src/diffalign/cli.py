@@ -413,9 +413,10 @@ def main() -> None:
     ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # torchao (the `quant` extra) is imported by diffusers at start-up: its enum registrations warn through torch's
-    # pytree logger and diffusers 0.42 warns that it cannot find torchao 0.17+'s moved tensor classes (only relevant
-    # to loading torchao-serialised checkpoints, which diffalign never does)
-    for import_noise in ("torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
+    # pytree logger, torchao < 0.18 warns that its C++ kernels do not match this torch (the weight-only formats used
+    # here run without them), and diffusers 0.42 warns that it cannot find torchao 0.17+'s moved tensor classes (only
+    # relevant to loading torchao-serialised checkpoints, which diffalign never does)
+    for import_noise in ("torch.utils._pytree", "torchao", "diffusers.quantizers.torchao.torchao_quantizer"):
         logging.getLogger(import_noise).setLevel(logging.ERROR)
     try:
         app()
