@@ -90,7 +90,7 @@ def test_quantize_base_leaves_lora_full_precision(kind):
     assert set(net._ddp_params_and_buffers_to_ignore) == {"0.base_layer.weight", "2.base_layer.weight", "3.weight"}
     # nf4 needs a multiple of 64 weights: the 3 × 64 layer qualifies; 192 is one, so every layer is quantised
     assert stats["quantized"] == 3 and stats["skipped"] == 0
-    ratio = {"int8": 0.28, "fp8": 0.28, "nf4": 0.15}[kind]  # of the fp32 bytes (0.25, 0.25, 0.125) + scales
+    ratio = {"int8": 0.3, "fp8": 0.3, "nf4": 0.15}[kind]  # of the fp32 bytes (0.25, 0.25, 0.125) + per-row metadata
     assert stats["bytes_after"] < ratio * stats["bytes_before"]
     for name, p in net.named_parameters():
         if "lora_" in name:
