@@ -278,3 +278,26 @@ def test_base_is_quantised_before_it_moves_to_the_device(monkeypatch, tiny_sd_pa
     DPOTrainer(cfg).setup()
     assert seen[-1] == (True, {torch.bfloat16})  # the move in setup: quantised, from bf16
     assert seen[0][0] is False  # loading (from_pretrained) still sees the plain weights
+
+
+@pytest.mark.parametrize("preset, family", [("sdxl_dpo_lowvram", "sdxl"), ("sd35_dpo_lowvram", "sd3")])
+def test_lowvram_presets_train_on_tiny_models(preset, family, request, pairs_parquet, tmp_path):
+    """The presets' combination (bf16, int8/nf4 base, cache + released encoders, 8-bit Adam → AdamW on CPU,
+    gradient checkpointing, batch 1 + accumulation) runs end to end; only the size keys are overridden."""
+    from diffalign.config import load_config
+
+    model = request.getfixturevalue(f"tiny_{family}_path")
+    small = [
+        "--resolution",
+        "32",
+        "--max_steps",
+        "1",
+        "--gradient_accumulation_steps",
+        "2",
+        "--output_dir",
+        str(tmp_path),
+    ]
+    cfg = load_config(DPOTrainer.config_class, preset, ["--model", str(model), "--data", pairs_parquet, *small])
+    DPOTrainer(cfg).train()
+    assert read_metrics(tmp_path)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert (tmp_path / "final" / "pytorch_lora_weights.safetensors").is_file()
