@@ -46,10 +46,12 @@ def _default(key: str):
 def row(name: str, preset: dict) -> str:
     model, method = split_name(name)
     keys = ("lora_rank", "batch_size", "gradient_accumulation_steps", "learning_rate", "max_steps", "resolution",
-            "optimizer", "mixed_precision", "scale_lr")  # fmt: skip
+            "optimizer", "mixed_precision", "scale_lr", "base_quantization")  # fmt: skip
     cfg = {k: _default(k) for k in keys} | preset
     rank = cfg["lora_rank"]
     mode = f"LoRA r{rank}" if rank else "full"
+    if cfg["base_quantization"] != "none":
+        mode += f", {cfg['base_quantization']} base"
     batch, ga = cfg["batch_size"], cfg["gradient_accumulation_steps"]
     unit = UNITS.get(method, "pairs")
     per_step = f"{batch} × {ga} {unit}" if ga > 1 else f"{batch} {unit}"

@@ -35,6 +35,9 @@ PRESET_BETAS = {
     "sdxl_smpo": (5000, "SmPO official examples/sdxl.sh, DPO convention with the ½ (as cited in the preset)"),
     "flux_dpo_lora": (5000, "no published FLUX DPO recipe: Diffusion-DPO's SD/SDXL value on velocity errors"),
     "sd35_dpo_lora": (5000, "no published SD3.5 DPO recipe: Diffusion-DPO's SD/SDXL value on velocity errors"),
+    "sdxl_dpo_lowvram": (5000, "as sdxl_dpo_lora: diffusers train_diffusion_dpo_sdxl.py default 5000, keeps the ½"),
+    "sd35_dpo_lowvram": (5000, "not tuned for SD3.5: the Diffusion-DPO SDXL launcher value, train.py keeps the ½"),
+    "flux_dpo_lowvram": (5000, "not tuned for FLUX: the Diffusion-DPO SDXL launcher value, train.py keeps the ½"),
     # toy presets: tuned on the toy world's validation split (README "How the presets were chosen")
     "toy_dpo": (10000, "toy: tuned"),
     "toy_kto": (5000, "toy: tuned"),

@@ -414,14 +414,17 @@ def main() -> None:
         "accelerate.accelerator",
     ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # with torchao installed (the `quant` extra), importing transformers imports it, and that import warns about
-    # torch internals on every command; nothing a diffalign user can act on
-    for noisy in (
+    # torchao (the `quant` extra) is imported by diffusers and transformers at start-up: its enum registrations warn
+    # through torch's pytree logger, torchao < 0.18 warns that its C++ kernels do not match this torch (the weight-only
+    # formats used here run without them), and diffusers 0.42 warns that it cannot find torchao 0.17+'s moved tensor
+    # classes (only relevant to loading torchao-serialised checkpoints, which diffalign never does)
+    for import_noise in (
         "torch.utils._pytree",
+        "torchao",
         "transformers.quantizers.quantizer_torchao",
         "diffusers.quantizers.torchao.torchao_quantizer",
     ):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+        logging.getLogger(import_noise).setLevel(logging.ERROR)
     try:
         app()
     except Exception as err:  # not SystemExit: `--help` must not import the library to classify it

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 C = TypeVar("C", bound=BaseModel)
 
@@ -300,12 +300,44 @@ class TrainConfig(StrictConfig):
     gradient_checkpointing: bool = False
     allow_tf32: bool = True
     seed: int = 0
+    base_quantization: Literal["none", "int8", "fp8", "nf4"] = Field(
+        "none",
+        description="LoRA only: hold the frozen base (also the reference) in int8, fp8 or nf4 (torchao, the `quant` "
+        "extra); LoRA weights and optimizer stay fp32.",
+    )
+    offload_text_encoders: bool = Field(
+        False,
+        description="With `cache_latents`: release the text encoders once every caption is cached (frees e.g. T5).",
+    )
 
     @field_validator("resolution")
     @classmethod
     def _resolution_multiple_of_8(cls, v: int) -> int:
         if v <= 0 or v % 8:
             raise ValueError(f"`resolution` must be a positive multiple of 8, got {v}")
+        return v
+
+    @field_validator("base_quantization")
+    @classmethod
+    def _quantization_needs_lora(cls, v: str, info: ValidationInfo) -> str:
+        if v != "none" and info.data.get("lora_rank") == 0:
+            raise ValueError(
+                f"`base_quantization: {v}` quantises the frozen base of a LoRA run, but `lora_rank: 0` is a full "
+                "fine-tune (every weight trains); set `lora_rank` > 0 or `base_quantization: none`"
+            )
+        return v
+
+    @field_validator("offload_text_encoders")
+    @classmethod
+    def _offload_needs_cache(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and not info.data.get("cache_latents"):
+            raise ValueError("`offload_text_encoders` releases the text encoders after caching: set `cache_latents`")
+        needs = [k for k in ("validation_prompts", "validation_data") if info.data.get(k)]
+        if v and needs:
+            raise ValueError(
+                f"`offload_text_encoders` releases the text encoders, but `{needs[0]}` needs them (validation images "
+                "and held-out losses encode their captions); drop one of the two"
+            )
         return v
 
     @field_validator("resume")

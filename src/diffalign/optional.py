@@ -6,7 +6,8 @@ import importlib
 from types import ModuleType
 
 EXTRAS = {"open_clip": "eval", "tensorboard": "tensorboard", "wandb": "wandb", "bitsandbytes": "gpu",
-          "xformers": "gpu", "fastapi": "collect", "uvicorn": "collect"}  # fmt: skip
+          "xformers": "gpu", "fastapi": "collect", "uvicorn": "collect",
+          "torchao": "quant"}  # fmt: skip
 
 
 class MissingDependencyError(ImportError):

@@ -41,7 +41,9 @@ from diffalign.trainers.distributed import (
     engine_name,
 )
 from diffalign.trainers.hardware import FROZEN_DTYPES, build_optimizer, resolve_mixed_precision, resolve_optimizer
+from diffalign.trainers.offload import release_text_encoders
 from diffalign.trainers.preemption import Preempted, stop_on_signals
+from diffalign.trainers.quantization import quantize_base, resolve_base_quantization
 from diffalign.trainers.sampling import StepBatchSampler, sample_generators, stream_positions
 from diffalign.trainers.sharding import all_finite, check_sharded_run, first_non_finite, shard_reference
 from diffalign.trainers.tracking import init_trackers
@@ -228,7 +230,6 @@ class Trainer(ABC):
             torch.backends.cuda.matmul.allow_tf32 = True
         self.frozen_dtype = FROZEN_DTYPES[precision]
         self.backbone = load_backbone(cfg.model, frozen_dtype=self.frozen_dtype, variant=cfg.variant)
-        self.backbone.to(self.accelerator.device, self.frozen_dtype)
         self.attention = resolve_attention(cfg.attention, self.accelerator.device)
         apply_attention(self.backbone.denoiser, self.attention)
         self.denoiser = self.backbone.denoiser
@@ -240,9 +241,14 @@ class Trainer(ABC):
                 self.denoiser.to(self.frozen_dtype)
             targets = tuple(cfg.lora_target_modules) if cfg.lora_target_modules else None
             self.backbone.add_lora(cfg.lora_rank, cfg.lora_alpha, targets)
+            quantization = resolve_base_quantization(cfg.base_quantization, device_type, self.sharded)
+            quantize_base(self.denoiser, quantization)  # frozen base (= the reference) held in int8/fp8/nf4
         else:
             self.ref_copy = copy.deepcopy(self.denoiser).requires_grad_(False).eval().to(self.frozen_dtype)
+            self.ref_copy.to(self.accelerator.device)
             self.denoiser.requires_grad_(True)
+        # after the cast, LoRA and quantisation, done on the CPU: the device never holds the fp32 base of a LoRA run
+        self.backbone.to(self.accelerator.device, self.frozen_dtype)
         if cfg.init_from and ckpt.resolve_resume(cfg.resume, self.output_dir) is None:  # the reference stays `model`
             loaded = ckpt.load_initial_weights(self.denoiser, cfg.init_from, cfg.lora_rank, cfg.lora_alpha)
             logger.info("init_from: starting from the %s", loaded)
@@ -306,6 +312,9 @@ class Trainer(ABC):
                     batch_size=cfg.batch_size,
                     show_progress=self.accelerator.is_local_main_process,
                 )
+            if cfg.offload_text_encoders:  # every caption is cached: the text encoders are no longer needed
+                empty = self.dataset.empty_text
+                self._empty_text = release_text_encoders(self.backbone, empty, self.accelerator.device)
 
     def _register_checkpoint_hooks(self) -> None:
         """LoRA checkpoints hold only the trainable weights (MBs, not the whole UNet)."""
