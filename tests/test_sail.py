@@ -169,6 +169,20 @@ def test_external_labeler_labels_with_the_reward(tmp_path, run):
     assert row["labeler"] == "toy" and row["agreement"] == 1.0
 
 
+def test_a_round_can_train_with_kto(tmp_path, run):
+    """`method: kto`: the round's pairs are read unpaired (winner desirable, loser undesirable) by a KTO run."""
+    _, seed, _ = run
+    out = tmp_path / "kto"
+    settings = {**SETTINGS, "labeler": "toy", "method": "kto", "data": str(seed), "output_dir": str(out), "rounds": 1}
+    train = {k: v for k, v in TRAIN.items() if k != "beta"}
+    diffalign.train("sail", {**settings, "train": {**train, "max_steps": 1}})
+    for k in (0, 1):
+        facts = json.loads((out / f"round-{k}" / "train" / "final" / "run.json").read_text())
+        assert facts["method"] == "kto"
+        metrics = json.loads((out / f"round-{k}" / "train" / "metrics.jsonl").read_text().splitlines()[0])
+        assert "kl" in metrics and metrics["loss"] == pytest.approx(0.5, abs=1e-4)  # KTO at policy == reference
+
+
 def test_config_refuses_paths_the_loop_sets():
     from diffalign.iterate import SAILConfig
 
