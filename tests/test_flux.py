@@ -328,3 +328,17 @@ def test_flux_preset_trains_a_step(dev_path, data, tmp_path):
     cfg = yaml.safe_load((tmp_path / "final" / "config.yaml").read_text())
     assert cfg["proportion_empty_prompts"] == 0.0 and cfg["validation_guidance_scale"] == 3.5 and cfg["beta"] == 5000
     assert cfg["gradient_checkpointing"] is True
+
+
+def test_the_lowvram_flux_preset_trains_on_an_nf4_base(dev_path, data, tmp_path):
+    """flux_dpo_lowvram's combination (nf4 base, cached embeddings with T5 released, checkpointing, batch 1 +
+    accumulation) on the tiny FLUX-dev; only the size keys are overridden."""
+    args = ["train", "dpo", "--config", "flux_dpo_lowvram", "--model", str(dev_path), "--data", data["dpo"]]
+    args += ["--output_dir", str(tmp_path), "--resolution", "16", "--gradient_accumulation_steps", "2"]
+    args += ["--max_steps", "1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    cfg = yaml.safe_load((tmp_path / "final" / "config.yaml").read_text())
+    assert cfg["base_quantization"] == "nf4" and cfg["offload_text_encoders"] is True
+    first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
