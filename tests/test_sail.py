@@ -249,3 +249,25 @@ def test_full_fine_tune_rounds_chain_their_weights(tmp_path, run):
     )
     assert trained.keys() == started.keys() and all(torch.equal(trained[k], started[k]) for k in trained)
     assert (out / "final" / weights).is_file() and not (out / "final" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_round_health_goes_to_one_wandb_run(tmp_path, run, monkeypatch):
+    """wandb (offline): every round's health lands in the same run id (`OUT/wandb_id.txt`), read back with wandb's
+    own protobufs."""
+    import wandb_records
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    _, seed, _ = run
+    out = tmp_path / "wb"
+    train = {**TRAIN, "max_steps": 1, "checkpointing_steps": 0, "report_to": "wandb"}
+    diffalign.train("sail", {**SETTINGS, "data": str(seed), "output_dir": str(out), "rounds": 1, "train": train})
+    run_id = (out / "wandb_id.txt").read_text()
+    files = sorted(out.rglob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert len(files) == 2  # one offline segment per round, one run id (wandb sync joins them)
+    rows = {}
+    for file in files:
+        rows |= {int(r["_step"]): r for r in wandb_records.wait_for_rows(file, "sail/train_loss", 1)}
+    assert sorted(rows) == [0, 1]  # round 0 (DPO on the seed) and round 1
+    assert {"sail/agreement", "sail/diversity", "sail/margin_median"} <= rows[1].keys()  # the self-labelled round
