@@ -251,7 +251,7 @@ def test_full_fine_tune_rounds_chain_their_weights(tmp_path, run):
     assert (out / "final" / weights).is_file() and not (out / "final" / "pytorch_lora_weights.safetensors").exists()
 
 
-def test_round_health_goes_to_one_wandb_run(tmp_path, run, monkeypatch):
+def test_round_health_goes_to_one_wandb_run(tmp_path, run, monkeypatch, request):
     """wandb (offline): every round's health lands in the same run id (`OUT/wandb_id.txt`), read back with wandb's
     own protobufs."""
     import wandb_records
@@ -259,6 +259,9 @@ def test_round_health_goes_to_one_wandb_run(tmp_path, run, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
     monkeypatch.setenv("WANDB_SILENT", "true")
+    import wandb
+
+    request.addfinalizer(wandb.teardown)  # wandb keeps its first settings (the run dir) process-wide
     _, seed, _ = run
     out = tmp_path / "wb"
     train = {**TRAIN, "max_steps": 1, "checkpointing_steps": 0, "report_to": "wandb"}

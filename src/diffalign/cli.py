@@ -432,8 +432,8 @@ def main() -> None:
         if preempted is not None and isinstance(err, preempted.Preempted):
             typer.secho(str(err), fg="yellow", err=True)
             sys.exit(128 + err.signum)
-        base = sys.modules.get("diffalign.trainers.base")
-        if base is not None and isinstance(err, base.RunFailedError):  # a failed run, not a user error
+        errors = sys.modules.get("diffalign.trainers.errors")
+        if errors is not None and isinstance(err, errors.RunFailedError):  # a failed run, not a user error
             typer.secho(f"error: {err}", fg="red", err=True)
             sys.exit(1)
         if not isinstance(err, _user_errors()):

@@ -8,7 +8,6 @@ accumulation and clipping, LoRA or full fine-tuning with the matching reference 
 from __future__ import annotations
 
 import copy
-import errno
 import json
 import logging
 import os
@@ -40,8 +39,14 @@ from diffalign.trainers.distributed import (
     describe_launch,
     engine_name,
 )
+from diffalign.trainers.errors import (  # noqa: F401 (re-exported: callers catch the run failures from here)
+    CheckpointWriteError,
+    RunFailedError,
+    TrainingDivergedError,
+)
 from diffalign.trainers.hardware import FROZEN_DTYPES, build_optimizer, resolve_mixed_precision, resolve_optimizer
 from diffalign.trainers.offload import release_text_encoders
+from diffalign.trainers.outputs import OutputsMixin
 from diffalign.trainers.preemption import Preempted, stop_on_signals
 from diffalign.trainers.quantization import quantize_base, resolve_base_quantization
 from diffalign.trainers.sampling import StepBatchSampler, sample_generators, stream_positions
@@ -51,19 +56,7 @@ from diffalign.trainers.tracking import init_trackers
 logger = logging.getLogger(__name__)
 
 
-class RunFailedError(RuntimeError):
-    """A run that stopped on its own failure (not the user's input): the CLI prints one line and exits 1."""
-
-
-class TrainingDivergedError(RunFailedError):
-    """The loss became NaN/inf; nothing from that step was applied or saved."""
-
-
-class CheckpointWriteError(RunFailedError):
-    """A checkpoint could not be written (e.g. the disk is full); the previous checkpoint is untouched."""
-
-
-class Trainer(ABC):
+class Trainer(OutputsMixin, ABC):
     """Base of every method trainer.
 
     Subclasses set `method` and `config_class` and implement `build_dataset` and `compute_loss`; they use the
@@ -611,106 +604,6 @@ class Trainer(ABC):
             "lora_alpha": cfg.lora_alpha,
             "lora_target_modules": cfg.lora_target_modules,
         }
-
-    # ---- outputs ------------------------------------------------------------------------------------------------
-    def save_checkpoint(self) -> Path | None:
-        """`checkpoint-<step>/`: weights (LoRA: trainable only), optimizer, scheduler, callbacks' state."""
-        acc = self.accelerator
-        self._check_weights_finite("checkpoint")
-        final = self.output_dir / f"checkpoint-{self.global_step}"
-        tmp = self.output_dir / f".tmp-checkpoint-{self.global_step}"
-        offsets = acc.gather(torch.tensor([self.stream_offset], device=acc.device)).tolist()
-        state = {
-            "step": self.global_step,
-            "method": self.method,
-            "skipped_samples": self.skipped_samples,
-            "nonfinite_steps": self.nonfinite_steps,
-            "stream_offsets": offsets,
-        }
-        acc.wait_for_everyone()
-        try:
-            acc.save_state(str(tmp))
-            for cb in self.callbacks:
-                cb.on_save(self, tmp)
-            acc.wait_for_everyone()  # every rank has written its files into tmp before rank 0 renames it
-            if acc.is_main_process:
-                ckpt.finalize(tmp, final, {**state, **self._layout()})
-        except OSError as err:
-            self._checkpoint_write_failed(tmp, err)
-        if acc.is_main_process:
-            for old in ckpt.prune(self.output_dir, self.config.checkpoints_total_limit):
-                logger.info("removed old checkpoint %s", old)
-        acc.wait_for_everyone()
-        return final
-
-    def _checkpoint_write_failed(self, tmp: Path, err: OSError) -> None:
-        """Remove the half-written folder and stop with one line naming the path, the cause and the intact
-        previous checkpoint."""
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        found = ckpt.list_checkpoints(self.output_dir)
-        previous = f"the previous checkpoint {found[-1]} is intact" if found else "no earlier checkpoint exists"
-        cause = "no space left on the device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
-        self._finish_trackers()
-        raise CheckpointWriteError(
-            f"writing checkpoint-{self.global_step} to {str(tmp.parent)!r} failed: {cause}; {previous} — free space "
-            "and continue with `--resume latest`"
-        ) from None
-
-    def save_final(self) -> Path:
-        """`final/`: LoRA in diffusers format or `save_pretrained` weights, plus the resolved config."""
-        acc = self.accelerator
-        self._check_weights_finite("final/")
-        acc.wait_for_everyone()
-        final = self.output_dir / "final"
-        with self._final_weights():  # every rank swaps in its (part of the) EMA weights
-            # FSDP / ZeRO-3 hold shards: every rank takes part in gathering the full state dict, the main one writes
-            gathered = acc.get_state_dict(self.model) if self.sharded else None
-            if acc.is_main_process:
-                final.mkdir(parents=True, exist_ok=True)
-                if gathered is not None:
-                    self._save_gathered(final, gathered)
-                elif self.config.lora_rank > 0:
-                    self.backbone.save_lora(final, denoiser=acc.unwrap_model(self.model))
-                else:
-                    self.backbone.save_full(final, denoiser=acc.unwrap_model(self.model))
-        if acc.is_main_process:
-            (final / "config.yaml").write_text(self.config.to_yaml())
-            (final / "run.json").write_text(json.dumps({"method": self.method, "step": self.global_step}))
-            if self.config.push_to_hub:
-                from diffalign.export import publish_run
-
-                logger.info("pushed %s", publish_run(self.output_dir, self.config.hub_model_id))
-            logger.info("saved %s", final)
-        acc.wait_for_everyone()  # no rank leaves (and tears the process group down) while the main one still writes
-        return final
-
-    def _save_gathered(self, final: Path, state: dict[str, torch.Tensor]) -> Path:
-        """A gathered full state dict as a stock diffusers model folder (`config.json` + safetensors shards named as
-        `save_pretrained` names them), so `UNet2DConditionModel.from_pretrained(final / "unet")` loads it."""
-        from huggingface_hub import save_torch_state_dict
-
-        folder = final / self.backbone.denoiser_subfolder
-        folder.mkdir(parents=True, exist_ok=True)
-        model = self.accelerator.unwrap_model(self.model)
-        model.save_config(folder)
-        stock = next(c for c in type(model).__mro__ if not c.__name__.startswith("FSDP"))  # FSDP2 renames the class
-        config = json.loads((folder / "config.json").read_text())
-        (folder / "config.json").write_text(json.dumps({**config, "_class_name": stock.__name__}, indent=2))
-        state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-        save_torch_state_dict(state, folder, filename_pattern="diffusion_pytorch_model{suffix}.safetensors")
-        return folder
-
-    @contextmanager
-    def _final_weights(self):
-        """Swap in EMA weights for saving when an EMA callback is active."""
-        ema = next((cb for cb in self.callbacks if isinstance(cb, EMACallback)), None)
-        if ema is None:
-            yield
-            return
-        with ema.swapped(self.params):
-            yield
 
 
 def _fresh_accelerator_state() -> None:
