@@ -90,3 +90,13 @@ def test_the_zero_reference_is_sharded_only_under_stage_3():
     zero2 = {"zero_optimization": {"stage": 2}, "fp16": {"enabled": True}}
     assert deepspeed_reference_config(zero2)["zero_optimization"] == {"stage": 0}
     assert deepspeed_reference_config(zero2)["fp16"] == {"enabled": True}
+
+
+def test_fsdp_on_an_accelerate_whose_checkpoints_did_not_resume_exactly_is_refused(monkeypatch):
+    import accelerate
+
+    monkeypatch.setattr(accelerate, "__version__", "1.12.0")  # the floors job: FSDP2 resume was not exact there
+    fsdp2 = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=2)))
+    plain = SimpleNamespace(validation_steps=0, validation_data=None, validation_prompts=[])
+    with pytest.raises(LaunchError, match=r"FSDP runs need accelerate >= 1.16 \(with 1.12.0"):
+        check_sharded_run(fsdp2, "FSDP", plain)

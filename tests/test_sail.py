@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import pandas as pd
 import pytest
@@ -251,21 +252,22 @@ def test_full_fine_tune_rounds_chain_their_weights(tmp_path, run):
     assert (out / "final" / weights).is_file() and not (out / "final" / "pytorch_lora_weights.safetensors").exists()
 
 
-def test_round_health_goes_to_one_wandb_run(tmp_path, run, monkeypatch, request):
+def test_round_health_goes_to_one_wandb_run(tmp_path, run):
     """wandb (offline): every round's health lands in the same run id (`OUT/wandb_id.txt`), read back with wandb's
-    own protobufs."""
+    own protobufs. In a subprocess: wandb keeps process-wide settings that would leak into later tests."""
+    import subprocess
+    import sys
+
     import wandb_records
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    import wandb
-
-    request.addfinalizer(wandb.teardown)  # wandb keeps its first settings (the run dir) process-wide
     _, seed, _ = run
     out = tmp_path / "wb"
     train = {**TRAIN, "max_steps": 1, "checkpointing_steps": 0, "report_to": "wandb"}
-    diffalign.train("sail", {**SETTINGS, "data": str(seed), "output_dir": str(out), "rounds": 1, "train": train})
+    settings = {**SETTINGS, "data": str(seed), "output_dir": str(out), "rounds": 1, "train": train}
+    code = "import json, sys, diffalign; diffalign.train('sail', json.loads(sys.argv[1]))"
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb_dir"), "WANDB_SILENT": "true"}
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(settings)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
     run_id = (out / "wandb_id.txt").read_text()
     files = sorted(out.rglob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
     assert len(files) == 2  # one offline segment per round, one run id (wandb sync joins them)

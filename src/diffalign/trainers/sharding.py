@@ -17,6 +17,13 @@ def check_sharded_run(accelerator, distributed_type: str, config) -> None:
     """Refuse what diffalign does not do under FSDP/ZeRO with one line: FSDP1 (the reference and the checkpoint
     layout follow FSDP2's `fully_shard`), and validation during training (it runs on the main process alone, while
     sharded weights need every rank)."""
+    if distributed_type == "FSDP" and _older_accelerate(FSDP_ACCELERATE):
+        import accelerate
+
+        raise LaunchError(
+            f"FSDP runs need accelerate >= {FSDP_ACCELERATE} (with {accelerate.__version__} a sharded checkpoint did "
+            "not resume exactly in diffalign's floors job): `pip install -U accelerate`"
+        )
     if distributed_type == "FSDP" and accelerator.state.fsdp_plugin.fsdp_version != 2:
         raise LaunchError(
             "FSDP runs need `fsdp_version: 2` in the accelerate config (diffalign shards the reference with FSDP2's "
@@ -27,6 +34,16 @@ def check_sharded_run(accelerator, distributed_type: str, config) -> None:
             f"validation during training is not available under {distributed_type} (sharded weights); set "
             "`validation_steps: 0` and evaluate the checkpoints with `diffalign evaluate`"
         )
+
+
+FSDP_ACCELERATE = "1.16"  # the oldest accelerate whose FSDP2 checkpoints resumed exactly in tests/test_fsdp.py
+
+
+def _older_accelerate(version: str) -> bool:
+    import accelerate
+    from packaging.version import Version
+
+    return Version(accelerate.__version__) < Version(version)
 
 
 def shard_reference(accelerator, distributed_type: str, reference: torch.nn.Module) -> torch.nn.Module:
