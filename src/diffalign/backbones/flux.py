@@ -43,9 +43,10 @@ from diffusers import FluxPipeline
 from torch import nn
 
 from diffalign.backbones.base import PipelineBackbone
+from diffalign.backbones.sd3 import TIMESTEP_SAMPLINGS, SD3Backbone, draw_u
 from diffalign.config import ConfigError
 
-TIMESTEP_SAMPLINGS = ("logit_normal", "uniform")
+__all__ = ["FluxBackbone", "TIMESTEP_SAMPLINGS"]
 GUIDANCE_SCALE = 3.5
 """diffusers `train_dreambooth_lora_flux.py`, `--guidance_scale` default."""
 
@@ -73,6 +74,8 @@ class FluxBackbone(PipelineBackbone):
     denoiser_subfolder: ClassVar[str] = "transformer"
     pipeline_class: ClassVar[type] = FluxPipeline
     lora_layers_kwarg: ClassVar[str] = "transformer_lora_layers"
+
+    alpha_sigma = SD3Backbone.alpha_sigma  # the same rectified flow: (α, σ) = (1 − σ, σ), σ = t / T
 
     def __init__(self, pipe, frozen_dtype: torch.dtype = torch.float32):
         super().__init__(pipe, frozen_dtype)
@@ -139,15 +142,7 @@ class FluxBackbone(PipelineBackbone):
     # ---- noising process -----------------------------------------------------------------------------------------
     def sample_timesteps(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """t = σ·T (float32, on `self.device`) with σ drawn as in the module docstring (steps 1–2)."""
-        device = generator.device if generator is not None else self.device
-        if self.timestep_sampling == "logit_normal":
-            u = torch.sigmoid(torch.randn(n, generator=generator, device=device) * self.logit_std + self.logit_mean)
-        elif self.timestep_sampling == "uniform":
-            u = torch.rand(n, generator=generator, device=device)
-        else:
-            raise ValueError(
-                f"`timestep_sampling` must be one of {list(TIMESTEP_SAMPLINGS)}, got {self.timestep_sampling!r}"
-            )
+        u = draw_u(self, n, generator)
         return (self.shift_sigma(u) * self.num_train_timesteps).float().to(self.device)
 
     def shift_sigma(self, u: torch.Tensor) -> torch.Tensor:
@@ -191,11 +186,6 @@ class FluxBackbone(PipelineBackbone):
             mu = self.shift_mu(side * side)
         flow.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
         return flow.sigmas.float()
-
-    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(α, σ) = (1 − σ, σ) with σ = t / T, float32 `[N]` on `t.device`."""
-        sigma = t.float() / self.num_train_timesteps
-        return 1 - sigma, sigma
 
     # ---- the network ---------------------------------------------------------------------------------------------
     def predict(

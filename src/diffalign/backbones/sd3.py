@@ -78,16 +78,7 @@ class SD3Backbone(PipelineBackbone):
     # ---- noising process -----------------------------------------------------------------------------------------
     def sample_timesteps(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """t = σ·T (float32, on `self.device`) with σ drawn as in the module docstring (steps 1–2)."""
-        device = generator.device if generator is not None else self.device
-        if self.timestep_sampling == "logit_normal":
-            normal = torch.randn(n, generator=generator, device=device)
-            u = torch.sigmoid(normal * self.logit_std + self.logit_mean)
-        elif self.timestep_sampling == "uniform":
-            u = torch.rand(n, generator=generator, device=device)
-        else:
-            raise ValueError(
-                f"`timestep_sampling` must be one of {list(TIMESTEP_SAMPLINGS)}, got {self.timestep_sampling!r}"
-            )
+        u = draw_u(self, n, generator)
         sigma = self.shift * u / (1 + (self.shift - 1) * u)
         return (sigma * self.num_train_timesteps).float().to(self.device)
 
@@ -114,3 +105,17 @@ class SD3Backbone(PipelineBackbone):
             return_dict=False,
         )[0]
         return out.float()
+
+
+def draw_u(backbone, n: int, generator: torch.Generator | None) -> torch.Tensor:
+    """u ∈ (0, 1) for rectified-flow timesteps (SD3 and FLUX): logit-normal (`u = sigmoid(n)`, n ~ N(m, s²), Esser et
+    al. 2024 sec. 3.1) or uniform, per `backbone.timestep_sampling`, `logit_mean`, `logit_std`."""
+    device = generator.device if generator is not None else backbone.device
+    if backbone.timestep_sampling == "logit_normal":
+        normal = torch.randn(n, generator=generator, device=device)
+        return torch.sigmoid(normal * backbone.logit_std + backbone.logit_mean)
+    if backbone.timestep_sampling == "uniform":
+        return torch.rand(n, generator=generator, device=device)
+    raise ValueError(
+        f"`timestep_sampling` must be one of {list(TIMESTEP_SAMPLINGS)}, got {backbone.timestep_sampling!r}"
+    )

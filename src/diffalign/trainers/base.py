@@ -421,8 +421,8 @@ class Trainer(OutputsMixin, ABC):
                 micro_stats.append({"loss": loss.detach(), **stats})
             self.global_step += 1
             self._count_nonfinite(applied)
-            metrics = self._reduce(micro_stats)
-            self.skipped_samples += int(acc.reduce(torch.tensor(self._skipped_this_step, device=acc.device), "sum"))
+            metrics, skipped = self._reduce(micro_stats, self._skipped_this_step)
+            self.skipped_samples += skipped
             metrics.update(step=self.global_step, lr=self.lr_scheduler.get_last_lr()[0])
             metrics["skipped_samples"] = self.skipped_samples
             metrics["nonfinite_steps"] = self.nonfinite_steps
@@ -494,14 +494,17 @@ class Trainer(OutputsMixin, ABC):
                 f"line up; resume on {len(offsets)} processes"
             )
 
-    def _reduce(self, micro_stats: list[dict]) -> dict[str, float]:
-        """Mean over micro-steps, then over processes: one record per optimizer step."""
+    def _reduce(self, micro_stats: list[dict], skipped: int) -> tuple[dict[str, float], int]:
+        """Mean over micro-steps, then over processes: one record per optimizer step; and the samples `skipped` on
+        every process, summed — one collective and one host read per step for both."""
         keys = micro_stats[0].keys()
         local = torch.stack(
             [torch.stack([torch.as_tensor(s[k], dtype=torch.float32) for s in micro_stats]).mean() for k in keys]
+            + [torch.tensor(float(skipped))]
         )
-        reduced = self.accelerator.reduce(local.to(self.accelerator.device), reduction="mean")
-        return {k: float(v) for k, v in zip(keys, reduced)}
+        summed = self.accelerator.reduce(local.to(self.accelerator.device), reduction="sum").cpu()
+        n = self.accelerator.num_processes
+        return {k: float(v) / n for k, v in zip(keys, summed[:-1])}, int(summed[-1])
 
     def _log(self, metrics: dict) -> None:
         if not self.accelerator.is_main_process:
